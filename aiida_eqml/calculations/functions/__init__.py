@@ -1,0 +1,1 @@
+"""Calcfunctions of aiida-eqml (each module imports aiida; import the one you need)."""

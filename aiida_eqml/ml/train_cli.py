@@ -1,0 +1,136 @@
+"""Command-line training entry point (what the AiiDA training CalcJob runs on a cluster)::
+
+    python -m aiida_eqml.ml.train_cli --dataset D.npz --config C.json --out DIR \\
+        [--resume CKPT] [--parent-model M] [--no-progress]
+
+Writes into ``DIR``:
+
+============================ ==========================================================
+``model.eqml``               the trained model (:mod:`aiida_eqml.ml.modelfile`), best epoch
+``metrics.json``             ``status``, metrics per split/target/species, split, timings
+``log.csv`` / ``log.json``   one row per epoch
+``checkpoint.msgpack``       last epoch's state, for ``--resume``
+============================ ==========================================================
+
+Exit codes (:data:`EXIT_CODES`; ``metrics.json`` carries the same ``status`` and the message):
+0 completed, 2 invalid input (dataset/config/parent/checkpoint), 3 NaN loss, 4 divergence,
+1 anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+EXIT_CODES = {"completed": 0, "error": 1, "invalid_input": 2, "nan_loss": 3, "diverged": 4}
+MODEL_FILENAME = "model.eqml"
+METRICS_FILENAME = "metrics.json"
+CHECKPOINT_FILENAME = "checkpoint.msgpack"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m aiida_eqml.ml.train_cli", description="Train an aiida-eqml model.")
+    parser.add_argument("--dataset", required=True, help="dataset .npz (aiida_eqml.ml.dataset.Dataset.save)")
+    parser.add_argument("--config", required=True, help="training config JSON (see aiida_eqml.ml.training.DEFAULT_TRAINING_CONFIG)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--resume", help="checkpoint.msgpack of an interrupted run with the same dataset and config")
+    parser.add_argument("--parent-model", help="model file to fine-tune (species, architecture, normalisation kept)")
+    parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    return parser
+
+
+def _write_json(path: str, data) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from aiida_eqml.ml.dataset import Dataset
+    from aiida_eqml.ml.modelfile import file_sha256, load_model, save_model
+    from aiida_eqml.ml.training import DivergenceError, NaNLossError, train
+
+    os.makedirs(args.out, exist_ok=True)
+    metrics_path = os.path.join(args.out, METRICS_FILENAME)
+    started = time.time()
+
+    def finish(status: str, message: str = "", **extra) -> int:
+        _write_json(metrics_path, {"status": status, "message": message, "wall_time_s": time.time() - started, **extra})
+        if status != "completed":
+            print(f"train_cli: {status}: {message}", file=sys.stderr)
+        return EXIT_CODES[status]
+
+    try:
+        with open(args.config) as handle:
+            config = json.load(handle)
+        if not isinstance(config, dict):
+            raise ValueError(f"{args.config}: the training config must be a JSON object")
+        if args.no_progress:
+            config["progress"] = False
+        dataset = Dataset.load(args.dataset)
+        parent = None
+        parent_info = None
+        if args.parent_model:
+            _, parent_params, parent_meta = load_model(args.parent_model)
+            parent = (parent_meta["config"], parent_params)
+            parent_info = {"path": os.path.abspath(args.parent_model), "sha256": file_sha256(args.parent_model)}
+        if args.resume and not os.path.exists(args.resume):
+            raise FileNotFoundError(f"--resume: {args.resume} does not exist")
+    except (ValueError, KeyError, FileNotFoundError, json.JSONDecodeError) as exc:
+        return finish("invalid_input", f"{type(exc).__name__}: {exc}")
+
+    try:
+        result = train(dataset, config, args.out, resume=args.resume, parent=parent)
+    except NaNLossError as exc:
+        return finish("nan_loss", str(exc))
+    except DivergenceError as exc:
+        return finish("diverged", str(exc))
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        return finish("invalid_input", f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+
+    metadata = {
+        "target_specs": {k: v for k, v in dataset.target_specs.items() if k in result.model.heads},
+        "training_config": config,
+        "metrics": result.metrics,
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "stopped_early": result.stopped_early,
+        "dataset_sha256": file_sha256(args.dataset),
+        "parent_model": parent_info,
+    }
+    model_path = os.path.join(args.out, MODEL_FILENAME)
+    model_sha = save_model(model_path, result.model_config, result.params, metadata)
+    return finish(
+        "completed",
+        metrics=result.metrics,
+        split=result.split,
+        best_epoch=result.best_epoch,
+        epochs_run=len(result.history),
+        stopped_early=result.stopped_early,
+        model_file=MODEL_FILENAME,
+        model_sha256=model_sha,
+        final_train_loss=result.history[-1]["train_loss"] if result.history else None,
+        best_val_loss=min((r["val_loss"] for r in result.history), default=None),
+    )
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except Exception:  # unexpected: keep the traceback for the CalcJob's stderr
+        traceback.print_exc()
+        try:
+            _write_json(os.path.join(args.out, METRICS_FILENAME), {"status": "error", "message": traceback.format_exc()})
+        except OSError:
+            pass
+        return EXIT_CODES["error"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

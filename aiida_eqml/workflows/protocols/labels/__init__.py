@@ -1,0 +1,1 @@
+"""Protocol files (YAML) of the label-generation work chains ``eqml.labels.*``."""

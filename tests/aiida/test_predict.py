@@ -1,0 +1,162 @@
+"""Prediction calcfunctions: equivariant tensors, ensembles, refusals, and provenance back to the DFT labels."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest_train import ensure_entry_points, random_model_file, tiny_dataset
+
+
+@pytest.fixture(scope='module')
+def model_nodes(aiida_profile, tmp_path_factory):
+    """Two stored untrained models (seeds 0 and 1) of the tiny Born-charge / dielectric architecture."""
+    from aiida_eqml.data.model import EqmlModelData
+
+    ensure_entry_points()
+    folder = tmp_path_factory.mktemp('models')
+    return [EqmlModelData(filepath=random_model_file(folder / f'm{seed}.eqml', seed)[0]).store() for seed in (0, 1)]
+
+
+def tio_structure(rotation=None):
+    from aiida import orm
+
+    sample = tiny_dataset(1, seed=11)[0]
+    rotation = np.eye(3) if rotation is None else rotation
+    structure = orm.StructureData(cell=(sample.cell @ rotation.T).tolist())
+    for z, position in zip(sample.numbers, sample.positions @ rotation.T):
+        structure.append_atom(position=tuple(position), symbols={8: 'O', 22: 'Ti'}[int(z)])
+    return structure
+
+
+def random_rotation(seed=5):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    return q * np.sign(np.linalg.det(q))
+
+
+def test_tensors_are_cartesian_and_equivariant(model_nodes):
+    from aiida_eqml.calculations.functions.predict import predict_tensors
+
+    structure = tio_structure()
+    result, node = predict_tensors.run_get_node(structure, model=model_nodes[0])
+    assert node.is_finished_ok
+    born, eps = result.get_array('born_charges'), result.get_array('dielectric')
+    assert born.shape == (4, 3, 3) and eps.shape == (3, 3)
+    np.testing.assert_allclose(eps, eps.T, atol=1e-5)  # ij=ji head: symmetric by construction
+    assert np.abs(born).max() > 1e-3  # not trivially zero
+
+    rotation = random_rotation()
+    rotated = predict_tensors(tio_structure(rotation), model=model_nodes[0])
+    np.testing.assert_allclose(rotated.get_array('born_charges'), rotation @ born @ rotation.T, atol=2e-4)
+    np.testing.assert_allclose(rotated.get_array('dielectric'), rotation @ eps @ rotation.T, atol=2e-4)
+    # Provenance: the prediction is created by the calcfunction whose inputs are the model and the structure.
+    assert {link.node.uuid for link in node.base.links.get_incoming().all()} == {model_nodes[0].uuid, structure.uuid}
+    assert result.base.attributes.get('model_uuids') == [model_nodes[0].uuid]
+
+
+def test_ensemble_mean_and_spread(model_nodes):
+    from aiida_eqml.calculations.functions.predict import predict_tensors
+
+    structure = tio_structure()
+    single = [predict_tensors(structure, model=node).get_array('born_charges') for node in model_nodes]
+    ensemble = predict_tensors(structure, seed_0=model_nodes[0], seed_1=model_nodes[1])
+    np.testing.assert_allclose(ensemble.get_array('born_charges'), np.mean(single, axis=0), atol=1e-6)
+    np.testing.assert_allclose(ensemble.get_array('born_charges_std'), np.std(single, axis=0), atol=1e-6)
+    assert ensemble.get_array('born_charges_std').max() > 0  # different seeds disagree
+
+
+def test_unknown_species_refused_with_exit_code(model_nodes):
+    from aiida import orm
+
+    from aiida_eqml.calculations.functions.predict import predict_tensors
+
+    structure = orm.StructureData(cell=(4.0 * np.eye(3)).tolist())
+    structure.append_atom(position=(0, 0, 0), symbols='Ba')
+    structure.append_atom(position=(2, 2, 2), symbols='Ti')
+    result, node = predict_tensors.run_get_node(structure, model=model_nodes[0])
+    assert node.exit_status == 310
+    assert "trained on species ['O', 'Ti']" in node.exit_message and "element(s) ['Ba']" in node.exit_message
+    assert result == {} and not node.base.links.get_outgoing().all()
+
+
+# ====================================================================== provenance down to pw.x
+SI_A = 5.43
+
+
+def si_cell(scale, seed):
+    from aiida import orm
+
+    a = SI_A * scale
+    cell = 0.5 * a * (np.ones((3, 3)) - np.eye(3))
+    positions = np.array([[0.0, 0.0, 0.0], [0.25 * a] * 3]) + 0.04 * np.random.default_rng(seed).normal(size=(2, 3))
+    structure = orm.StructureData(cell=cell.tolist())
+    for position in positions:
+        structure.append_atom(position=tuple(position), symbols='Si')
+    return structure
+
+
+SI_MODEL = {
+    'cutoff': 3.0,
+    'num_layers': 1,
+    'hidden_irreps': '8x0e + 4x1o + 4x1e + 4x2e',
+    'radial_hidden': [16],
+    'num_radial_basis': 6,
+    'heads': {
+        'forces': {'level': 'node', 'tensor': 'i'},
+        'stress': {'level': 'graph', 'tensor': 'ij=ji', 'reduce': 'mean'},
+    },
+}
+
+
+@pytest.mark.qe
+def test_prediction_provenance_reaches_the_dft_calculations(aiida_profile, qe_codes, pseudo_family, tmp_path):
+    """pw.x labels -> harvested dataset -> eqml.train CalcJob -> eqml.model -> prediction: one connected graph."""
+    from aiida import orm
+    from aiida.engine import run_get_node
+
+    from aiida_eqml.calculations.functions.predict import predict_tensors
+    from aiida_eqml.calculations.train import EqmlTrainCalculation, get_or_create_python_code
+    from aiida_eqml.data.model import EqmlModelData
+    from aiida_eqml.workflows.labels.energies import EnergyLabelsWorkChain
+
+    ensure_entry_points()
+    builder = EnergyLabelsWorkChain.get_builder_from_protocol(
+        qe_codes['pw'], [si_cell(0.98, 1), si_cell(1.02, 2), si_cell(1.0, 3)], protocol='fast',
+        overrides={'pw_base': {'kpoints_distance': 1.1}},
+    )
+    labels, labels_node = run_get_node(builder)
+    assert labels_node.is_finished_ok, labels_node.exit_message
+    dataset = labels['dataset']
+
+    train = EqmlTrainCalculation.get_builder()
+    train.code = get_or_create_python_code(qe_codes['pw'].computer)
+    train.datasets = {'si': dataset}
+    train.config = orm.Dict({
+        'model': SI_MODEL, 'epochs': 2, 'batch_size': 2, 'progress': False,
+        'split': {'train': [0, 1], 'val': [2], 'test': []},
+    })
+    trained, train_node = run_get_node(train)
+    assert train_node.is_finished_ok, (train_node.exit_status, train_node.exit_message)
+    model = trained['model']
+    assert model.species == ['Si'] and model.targets == ['forces', 'stress']
+
+    new_structure = si_cell(1.01, 4)
+    prediction, predict_node = predict_tensors.run_get_node(new_structure, model=model)
+    assert predict_node.is_finished_ok
+    forces = prediction.get_array('forces')
+    assert forces.shape == (2, 3) and np.all(np.isfinite(forces))
+
+    # The graph: prediction <- predict_tensors <- model <- eqml.train <- dataset <- harvest <- pw.x outputs <- PwCalculation
+    query = orm.QueryBuilder()
+    query.append(orm.ArrayData, filters={'id': prediction.pk}, tag='prediction')
+    query.append(orm.CalcJobNode, with_descendants='prediction', project='id', tag='calcs')
+    ancestors = set(query.all(flat=True))
+    pw_calcs = {
+        calc.pk for calc in labels_node.called_descendants
+        if isinstance(calc, orm.CalcJobNode) and calc.process_type == 'aiida.calculations:quantumespresso.pw'
+    }
+    assert len(pw_calcs) == 3
+    assert pw_calcs <= ancestors  # every pw.x run that made a label
+    assert train_node.pk in ancestors
+    path = orm.QueryBuilder().append(orm.ArrayData, filters={'id': prediction.pk}, tag='p').append(
+        EqmlModelData, with_descendants='p', project='id'
+    ).all(flat=True)
+    assert path == [model.pk]

@@ -1,0 +1,145 @@
+"""``eqml.train`` CalcJob + parser: real training jobs (python -m aiida_eqml.ml.train_cli) on localhost."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest_train import ensure_entry_points, local_computer, tiny_config, tiny_dataset
+
+
+@pytest.fixture(scope='module')
+def python_code(aiida_profile, tmp_path_factory):
+    from aiida_eqml.calculations.train import get_or_create_python_code
+
+    ensure_entry_points()
+    computer = local_computer(str(tmp_path_factory.mktemp('eqml-train-workdir')))
+    return get_or_create_python_code(computer)
+
+
+@pytest.fixture(scope='module')
+def dataset_node(python_code):
+    from aiida_eqml.data.dataset import EqmlDatasetData
+
+    return EqmlDatasetData.get_or_create(tiny_dataset(4))
+
+
+def builder_for(code, datasets, config, **kwargs):
+    from aiida import orm
+
+    from aiida_eqml.calculations.train import EqmlTrainCalculation
+
+    builder = EqmlTrainCalculation.get_builder()
+    builder.code = code
+    builder.datasets = datasets
+    builder.config = orm.Dict(config)
+    builder.metadata.options.max_wallclock_seconds = kwargs.pop('max_wallclock_seconds', 600)
+    builder.metadata.options.walltime_margin_seconds = kwargs.pop('walltime_margin_seconds', 30)
+    for key, value in kwargs.items():
+        setattr(builder, key, value)
+    return builder
+
+
+@pytest.fixture(scope='module')
+def trained(python_code, dataset_node):
+    """One real training job: (results, node)."""
+    from aiida.engine import run_get_node
+
+    return run_get_node(builder_for(python_code, {'tio': dataset_node}, tiny_config(epochs=3)))
+
+
+def test_training_job_outputs(trained, dataset_node):
+    from aiida import orm
+
+    from aiida_eqml.data.model import EqmlModelData
+    from aiida_eqml.ml.modelfile import file_sha256
+    from aiida_eqml.ml.training import load_checkpoint
+
+    results, node = trained
+    assert node.is_finished_ok, (node.exit_status, node.exit_message)
+    model = results['model']
+    assert isinstance(model, EqmlModelData)
+    assert model.species == ['O', 'Ti']
+    assert model.targets == ['born_charges', 'dielectric']
+    assert model.architecture == 'nequip'
+    assert model.cutoff == 3.0
+    assert model.heads['born_charges']['irreps'] == '1x0e+1x1e+1x2e'
+    # The test split has one structure: the metrics name it per target and per species.
+    assert set(model.test_metrics) == {'born_charges', 'dielectric'}
+    assert set(model.test_metrics['born_charges']['per_species']) == {'O', 'Ti'}
+
+    metrics = results['metrics'].get_dict()
+    assert metrics['status'] == 'completed' and metrics['epochs_run'] == 3
+    assert metrics['model_sha256'] == model.sha256
+    assert len(metrics['split']['test']) == 1 and len(metrics['split']['val']) == 1
+    # The training process saw exactly the dataset node's file.
+    config, _, metadata = model.read()
+    with dataset_node.base.repository.as_path(dataset_node.filename) as path:
+        assert metadata['dataset_sha256'] == file_sha256(path)
+
+    curve = results['learning_curve']
+    np.testing.assert_array_equal(curve.get_array('epoch'), [1, 2, 3])
+    assert np.all(np.isfinite(curve.get_array('train_loss')))
+    assert 'val_born_charges' in curve.get_arraynames()
+
+    checkpoint = results['checkpoint']
+    assert isinstance(checkpoint, orm.SinglefileData)
+    with checkpoint.as_path() as path:
+        assert load_checkpoint(path)['epoch'] == 3
+
+    # The job really ran the package's entry point with the files of the inputs.
+    submit_script = node.base.repository.get_object_content('_aiidasubmit.sh')
+    assert "'-m' 'aiida_eqml.ml.train_cli' '--dataset' 'dataset.npz' '--config' 'config.json'" in submit_script
+    assert json.loads(node.base.repository.get_object_content('config.json'))['epochs'] == 3
+    assert 'walltime watchdog' in submit_script
+
+
+def test_checks_before_submission(python_code, dataset_node, trained):
+    """Bad inputs end with a named exit code, nothing uploaded and no output node."""
+    from aiida.engine import run_get_node
+
+    from aiida_eqml.data.dataset import EqmlDatasetData
+
+    def refused(builder, exit_code, *fragments):
+        results, node = run_get_node(builder)
+        assert node.exit_status == exit_code, (node.exit_status, node.exit_message)
+        for fragment in fragments:
+            assert fragment in node.exit_message, node.exit_message
+        assert results == {} and not node.base.links.get_outgoing().all()
+        assert node.get_remote_workdir() is None  # never uploaded
+
+    # A dataset whose only target the model has no head for.
+    only_dielectric = EqmlDatasetData.get_or_create(tiny_dataset(3, targets=('dielectric',)))
+    born_only = {**tiny_config()['model'], 'heads': {'born_charges': {'level': 'node', 'tensor': 'ij'}}}
+    refused(
+        builder_for(python_code, {'d': only_dielectric}, tiny_config(model=born_only)),
+        311,
+        "['dielectric']",
+        "['born_charges']",
+    )
+    # Elements of the dataset unknown to the parent model.
+    from aiida_eqml.ml.dataset import Dataset, Sample
+
+    tiny = tiny_dataset(2)
+    bao = [Sample(np.array([56, 8]), s.positions[:2], s.cell, True, node_targets={'born_charges': s.node_targets['born_charges'][:2]}) for s in tiny]
+    bao_node = EqmlDatasetData(Dataset(bao, {'born_charges': tiny.target_specs['born_charges']})).store()
+    results, _ = trained
+    refused(
+        builder_for(python_code, {'bao': bao_node}, tiny_config(), parent_model=results['model']),
+        312,
+        "['Ba']",
+        "species ['O', 'Ti']",
+    )
+    # A typo in the config.
+    refused(builder_for(python_code, {'tio': dataset_node}, tiny_config(epoch=3)), 310, "unknown training config keys ['epoch']")
+
+
+def test_input_rejected_by_the_training_process(python_code, dataset_node):
+    """What only the training process can see (here: a split that leaves nothing to train) -> 302, no model."""
+    from aiida.engine import run_get_node
+
+    config = tiny_config(split={'val_fraction': 0.5, 'test_fraction': 0.5})
+    results, node = run_get_node(builder_for(python_code, {'tio': dataset_node}, config))
+    assert node.exit_status == 302, (node.exit_status, node.exit_message)
+    assert 'split leaves no training samples' in node.exit_message
+    assert 'model' not in results and 'checkpoint' not in results

@@ -1,0 +1,41 @@
+"""Small shared fixtures for the ML tests: tiny random periodic structures."""
+
+import ase
+import numpy as np
+import pytest
+
+
+def random_periodic_atoms(seed: int = 0, n_atoms: int = 4, symbols=("Ba", "Ti", "O"), cell_length: float = 4.0):
+    """A small triclinic cell with random positions (no two atoms closer than 1 A)."""
+    rng = np.random.default_rng(seed)
+    cell = cell_length * (np.eye(3) + 0.15 * rng.normal(size=(3, 3)))
+    while True:
+        frac = rng.uniform(size=(n_atoms, 3))
+        atoms = ase.Atoms(
+            symbols=[symbols[i % len(symbols)] for i in range(n_atoms)],
+            scaled_positions=frac,
+            cell=cell,
+            pbc=True,
+        )
+        d = atoms.get_all_distances(mic=True)
+        if n_atoms == 1 or np.min(d[np.triu_indices(n_atoms, 1)]) > 1.0:
+            return atoms
+
+
+@pytest.fixture
+def random_atoms():
+    return random_periodic_atoms
+
+
+def random_rotation(seed: int, improper: bool) -> np.ndarray:
+    """A random proper (det +1) or improper (det -1) orthogonal matrix."""
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q = -q
+    return -q if improper else q
+
+
+@pytest.fixture
+def rotation():
+    return random_rotation
