@@ -18,7 +18,6 @@ PYTEST_ARGS ?=
 $(BIN)/.installed: pyproject.toml
 	@if [ -z "$(PYTHON)" ]; then echo 'No CPython 3.11-3.13 on the PATH: install one (e.g. apt install python3.11-venv) or run make PYTHON=/path/to/python3.11' >&2; exit 1; fi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade --quiet pip
 	$(BIN)/python -m pip install --quiet -e '.[tests]'
 	@touch $@
 

@@ -21,9 +21,23 @@ Tests that run real QE carry the ``qe`` marker (``-m "not qe"`` deselects them).
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 pytest_plugins = ['aiida.tools.pytest_fixtures']
+
+_THIS_CONFTEST = sys.modules[__name__]
+
+
+def pytest_collection_finish(session):
+    """Make ``from conftest import make_nio_afm_hubbard_structure`` in test functions import this file.
+
+    pytest imports every conftest.py outside a package under the module name ``conftest`` and drops the
+    previous one from ``sys.modules``; after collecting tests/ml/conftest.py that name would point there and
+    the import would fail in a whole-suite run (but not when one test file runs alone).
+    """
+    sys.modules['conftest'] = _THIS_CONFTEST
 
 #: U (eV) on Ni 3d of the fixture structure: a typical starting value of the self-consistent loop.
 NIO_U_NI_3D = 5.0

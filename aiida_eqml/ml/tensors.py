@@ -71,6 +71,9 @@ class CartesianTensorType:
                 t in index_irreps for t in self._orbit(letter)
             )):
                 index_irreps.setdefault(letter, "1o")
+        for letter in self.indices:  # tied indices share the irreps of their orbit
+            if letter not in index_irreps:
+                index_irreps[letter] = next(index_irreps[t] for t in self._orbit(letter) if t in index_irreps)
         self.index_irreps = {k: str(e3nn.Irreps(v)) for k, v in sorted(index_irreps.items())}
         irreps, q = _basis(self.formula, tuple(sorted(self.index_irreps.items())))
         self.irreps = e3nn.Irreps(irreps)

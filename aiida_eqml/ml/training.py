@@ -519,6 +519,7 @@ def train(
     from flax import serialization
     from tqdm.auto import tqdm
 
+    from aiida_eqml.ml.models import DEFAULT_CONFIG as DEFAULT_MODEL_CONFIG
     from aiida_eqml.ml.models import build_model
 
     cfg = training_config(config)
@@ -532,7 +533,11 @@ def train(
     else:
         model_config = copy.deepcopy(cfg["model"])
     # Neighbour lists only depend on species and cutoff: compute them once per split.
-    graph_config = {"species": model_config.get("species") or [], "cutoff": model_config.get("cutoff", 5.0), **{k: model_config[k] for k in ("node_attrs", "edge_attrs") if k in model_config}}
+    graph_config = {
+        "species": model_config.get("species") or [],
+        "cutoff": model_config.get("cutoff", DEFAULT_MODEL_CONFIG["cutoff"]),
+        **{k: model_config[k] for k in ("node_attrs", "edge_attrs") if k in model_config},
+    }
     if not graph_config["species"]:
         import ase.data
 

@@ -138,8 +138,54 @@ def test_input_rejected_by_the_training_process(python_code, dataset_node):
     """What only the training process can see (here: a split that leaves nothing to train) -> 302, no model."""
     from aiida.engine import run_get_node
 
-    config = tiny_config(split={'val_fraction': 0.5, 'test_fraction': 0.5})
+    config = tiny_config(split={'val_fraction': 0.45, 'test_fraction': 0.45})  # 4 samples: 2 val, 2 test, 0 train
     results, node = run_get_node(builder_for(python_code, {'tio': dataset_node}, config))
     assert node.exit_status == 302, (node.exit_status, node.exit_message)
     assert 'split leaves no training samples' in node.exit_message
     assert 'model' not in results and 'checkpoint' not in results
+
+
+def test_walltime_then_resume_from_checkpoint(python_code, dataset_node, trained):
+    """A run cut by the walltime watchdog exits 120 with its checkpoint; the restart work chain resumes from it.
+
+    The budget is scaled from the wall time of the `trained` job on this (shared, variably loaded) machine so that
+    each run gets through its start-up and some epochs but never through the 100000 epochs asked for; with
+    ``max_iterations = 2`` the work chain must then stop with 401, after resuming once from the first checkpoint.
+    """
+    from aiida import orm
+    from aiida.engine import run_get_node
+
+    from aiida_eqml.ml.training import load_checkpoint
+    from aiida_eqml.workflows.train import EqmlTrainWorkChain
+
+    _, reference = trained
+    budget = int(max(30, 2.0 * reference.outputs.metrics['wall_time_s'] + 10))
+    builder = EqmlTrainWorkChain.get_builder()
+    builder.train = builder_for(python_code, {'tio': dataset_node}, tiny_config(epochs=100000), max_wallclock_seconds=budget + 5, walltime_margin_seconds=5)._inputs(prune=True)
+    builder.max_iterations = orm.Int(2)
+    results, node = run_get_node(builder)
+    assert node.exit_status == 401, (node.exit_status, node.exit_message)  # ERROR_MAXIMUM_ITERATIONS_EXCEEDED
+    first, second = sorted(node.called, key=lambda n: n.ctime)
+    for calc in (first, second):
+        assert calc.exit_status == 120, (calc.exit_status, calc.exit_message)
+        assert 'walltime_reached' in calc.outputs.retrieved.base.repository.list_object_names()
+        assert 'model' not in calc.outputs and 'checkpoint' in calc.outputs
+    assert 'restart_checkpoint' not in first.inputs
+    assert second.inputs.restart_checkpoint.uuid == first.outputs.checkpoint.uuid
+    epochs = []
+    for calc in (first, second):
+        with calc.outputs.checkpoint.as_path() as path:
+            epochs.append(load_checkpoint(path)['epoch'])
+    assert 0 < epochs[0] < epochs[1]  # the second run continued where the first stopped
+    curve = second.outputs.learning_curve.get_array('epoch')
+    np.testing.assert_array_equal(curve, np.arange(1, epochs[1] + 1))  # one history, no restart from epoch 1
+
+
+def test_submitted_to_the_daemon_and_parsed(tmp_path):
+    """`submit` to a real daemon (own profile with a ZeroMQ broker, see conftest_train.daemon_scenario)."""
+    from conftest_train import run_daemon_scenario
+
+    result = run_daemon_scenario(tmp_path, interrupt=False, epochs=3)
+    assert result['finished_ok'], result
+    assert {'model', 'metrics', 'learning_curve', 'checkpoint', 'retrieved', 'remote_folder'} <= set(result['outputs'])
+    assert result['model']['targets'] == ['born_charges', 'dielectric'] and result['epochs_run'] == 3

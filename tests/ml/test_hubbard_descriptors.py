@@ -159,7 +159,7 @@ def test_rotated_pw_run_transforms_with_wigner_matrices():
         worst = max(worst, np.abs(da @ n @ db.T - n_rot).max())
         wa, wb = (d2, wrong_p) if key[0] < 2 else (wrong_p, d2)
         worst_wrong = max(worst_wrong, np.abs(wa @ n @ wb.T - n_rot).max())
-    assert worst < 2e-4, worst
+    assert worst < 1e-5, worst  # float32 rounding: both U+V runs use nosym and the same k-points
     assert worst_wrong > 1e-2
 
 
@@ -233,7 +233,7 @@ def test_pair_descriptors_are_equivariant_on_the_rotated_run():
     desc = pair_descriptors(**inputs)
     desc_rot = pair_descriptors(**inputs_rot)
     assert desc.irreps == pair_descriptor_irreps(((2, 1), (1, 2)), 2)
-    np.testing.assert_allclose(desc_rot.array, desc.transform_by_matrix(jnp.asarray(ROTATION)).array, atol=5e-4)
+    np.testing.assert_allclose(desc_rot.array, desc.transform_by_matrix(jnp.asarray(ROTATION)).array, atol=1e-4)
 
 
 def test_spin_swap_leaves_descriptors_unchanged_and_magnetism_is_seen():

@@ -89,12 +89,14 @@ def rotate_blocks(onsite, intersite, rotation):
 
 
 def model_and_params(dataset, attrs, seed=0, **overrides):
+    # Small network: the symmetries hold for any size, and compilation dominates the test time.
+    overrides = {"num_layers": 1, "hidden_irreps": "8x0e + 4x1o + 4x1e + 4x2e + 2x2o", **overrides}
     config = hubbard_model_config(SPECIES, attrs, cutoff=4.0, avg_num_neighbors=10.0, **overrides)
     model = build_model(config)
     from aiida_eqml.ml.dataset import make_batches
 
     batch = make_batches(dataset, config, 1)[0]
-    return model, jax.jit(model.init)(jax.random.PRNGKey(seed), batch.graph)
+    return model, model.init(jax.random.PRNGKey(seed), batch.graph)
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +145,10 @@ def test_rotating_the_crystal_and_its_occupations_leaves_u_and_v_unchanged(uv_ru
     np.testing.assert_allclose(out["hubbard_u"], u, atol=2e-3)
     np.testing.assert_allclose(out["hubbard_v"][1], v, atol=2e-3)
 
-    # the check has teeth: rotating the crystal but not its occupations changes the predictions
+    # the check has teeth: rotating the crystal but not its occupations changes the predictions far
+    # more than the float32 rounding the exact check tolerates
     wrong = predictions(model, params, [nio_sample(onsite, intersite, generate.CELL @ ROTATION.T)])[0]
-    assert max(np.abs(wrong["hubbard_u"][:2] - u[:2]).max(), np.abs(wrong["hubbard_v"][1] - v).max()) > 1e-3
+    assert max(np.abs(wrong["hubbard_u"] - u).max(), np.abs(wrong["hubbard_v"][1] - v).max()) > 5 * TIGHT
 
 
 def test_rotation_with_u_on_two_manifolds(u_runs):
@@ -213,7 +216,7 @@ def test_real_afm_labels_equivalent_sites():
     model = build_model(config)
     from aiida_eqml.ml.dataset import make_batches
 
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), make_batches(dataset, config, 1)[0].graph)
+    params = model.init(jax.random.PRNGKey(0), make_batches(dataset, config, 1)[0].graph)
     for out in predict_hubbard(model, params, dataset):
         np.testing.assert_allclose(out["hubbard_u"][0], out["hubbard_u"][1], atol=1e-3)
 
@@ -290,7 +293,7 @@ def test_ensemble_trains_saves_and_gives_a_spread(tmp_path):
     dataset, attrs = strained_nio_dataset()
     config = {
         "model": hubbard_model_config(SPECIES, attrs, cutoff=3.0, num_layers=1, hidden_irreps="8x0e + 2x1o + 2x2e"),
-        "epochs": 40,
+        "epochs": 30,
         "batch_size": 2,
         "split": {"train": [0, 1, 2, 3, 4], "val": [], "test": [5]},
         "optimizer": {"learning_rate": 1e-2},

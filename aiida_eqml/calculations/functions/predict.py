@@ -154,3 +154,118 @@ def predict_tensors(structure: orm.StructureData, **models) -> orm.ArrayData | E
     result.base.attributes.set('model_uuids', [node.uuid for node in nodes])
     result.base.attributes.set('target_specs', nodes[0].target_specs)
     return result
+
+
+# ====================================================================== Hubbard U / V
+def _unpadded(block: np.ndarray, l_rows: int, l_cols: int) -> np.ndarray:
+    return np.asarray(block)[..., : 2 * l_rows + 1, : 2 * l_cols + 1]
+
+
+def hubbard_record_from_nodes(structure, occupations):
+    """A one-sample Hubbard record (``aiida_eqml.ml.hubbard.records``) of an scf: its geometry, occupation matrices
+    and the U / V it used; no targets. The same layout as ``harvest_hubbard_labels`` writes."""
+    from aiida_eqml.ml.dataset import Dataset
+    from aiida_eqml.ml.hubbard.records import HUBBARD_TARGET_SPECS, hubbard_record_sample
+
+    n_atoms = len(structure.sites)
+    if int(occupations.base.attributes.get('nat')) != n_atoms:
+        raise PredictionInputError(
+            EXIT_MISSING_MODEL_INPUTS,
+            f'the occupations are of a {occupations.base.attributes.get("nat")}-atom scf, the structure has {n_atoms} atoms',
+        )
+    inputs = occupations.descriptor_inputs()
+    site_l = inputs['site_l']
+    onsite = {int(a): _unpadded(inputs['onsite'][a], site_l[a], site_l[a]) for a in np.flatnonzero(site_l >= 0)}
+    u_scf = {int(a): float(inputs['hubbard_u'][a]) for a in onsite}
+    intersite, v_scf = {}, {}
+    for k, key in enumerate(np.asarray(inputs['intersite_keys'], dtype=np.int64).tolist()):
+        intersite[tuple(key)] = _unpadded(inputs['intersite'][k], site_l[key[0]], site_l[key[1]])
+        v_scf[tuple(key)] = float(inputs['hubbard_v'][k])
+    width = max(5, int(np.asarray(inputs['onsite']).shape[-1]))
+    sample = hubbard_record_sample(
+        structure.get_ase(), onsite, u_scf, intersite=intersite or None, hubbard_v_scf=v_scf or None, width=width,
+        info={'structure_uuid': structure.uuid, 'occupations_uuid': occupations.uuid},
+    )
+    return Dataset([sample], {'hubbard_u': HUBBARD_TARGET_SPECS['hubbard_u']})
+
+
+def _model_descriptor_dataset(record, model_node: EqmlModelData, config: dict, metadata: dict):
+    """The record with the descriptors this model reads (same manifold / pair slots as in its training)."""
+    import e3nn_jax as e3nn
+
+    from aiida_eqml.ml.hubbard.records import PAIR_ATTR, SITE_ATTR, hubbard_training_dataset, record_manifolds
+
+    stored = metadata.get('hubbard') or (metadata.get('training_config') or {}).get('hubbard') or {}
+    found_ls, found_pairs = record_manifolds(record)
+    manifold_ls = tuple(stored.get('manifold_ls', found_ls))
+    pair_ls = tuple(tuple(p) for p in stored.get('pair_ls', found_pairs if PAIR_ATTR in (config.get('edge_attrs') or {}) else ()))
+    dataset, attrs = hubbard_training_dataset(record, manifold_ls, pair_ls)
+    for group in ('node_attrs', 'edge_attrs'):
+        for name, irreps in (config.get(group) or {}).items():
+            if name in (SITE_ATTR, PAIR_ATTR) and e3nn.Irreps(attrs[group].get(name, '')) != e3nn.Irreps(irreps):
+                raise PredictionInputError(
+                    EXIT_MISSING_MODEL_INPUTS,
+                    f'model pk={model_node.pk} reads {name} with irreps {irreps}, the occupations of this scf give '
+                    f'{attrs[group].get(name)} (Hubbard manifolds l={manifold_ls}, pairs {pair_ls}): not the kind of '
+                    'system it was trained on',
+                )
+    return dataset
+
+
+@calcfunction
+def predict_hubbard(hubbard_structure, occupations, **models):
+    """Model(s) + ``HubbardStructureData`` + its scf's ``eqml.occupations`` -> ``{'hubbard_structure', 'spread'}``.
+
+    The output structure is the input one with every on-site U and inter-site V of its Hubbard parameters replaced by
+    the (ensemble mean) prediction; manifolds, projectors and formulation are kept. ``spread`` (Dict) holds, per
+    parameter, the atoms, the mean, the standard deviation over the ensemble members and the input value.
+    """
+    from aiida_eqml.ml.hubbard.models import predict_hubbard as predict_hubbard_ml
+
+    atoms = hubbard_structure.get_ase()
+    try:
+        nodes = _check_models(models, atoms.get_chemical_symbols())
+        record = hubbard_record_from_nodes(hubbard_structure, occupations)
+        members = []
+        for node in nodes:
+            model, params, metadata = node.load()
+            dataset = _model_descriptor_dataset(record, node, metadata['config'], metadata)
+            members.append(predict_hubbard_ml(model, params, dataset)[0])
+    except PredictionInputError as exception:
+        return ExitCode(exception.status, str(exception))
+
+    u_members = np.stack([m['hubbard_u'] for m in members]) if 'hubbard_u' in members[0] else None
+    v_members = {}
+    for member in members:
+        if 'hubbard_v' in member:
+            keys, values = member['hubbard_v']
+            for key, value in zip(np.asarray(keys).tolist(), values):
+                v_members.setdefault(tuple(int(k) for k in key), []).append(float(value))
+
+    hubbard = hubbard_structure.hubbard
+    spread = []
+    for parameter in hubbard.parameters:
+        i, j, shift = parameter.atom_index, parameter.neighbour_index, tuple(parameter.translation)
+        onsite = i == j and shift == (0, 0, 0)
+        if onsite and u_members is not None and np.all(np.isfinite(u_members[:, i])):
+            values = u_members[:, i]
+        elif not onsite and (i, j, *shift) in v_members:
+            values = np.array(v_members[(i, j, *shift)])
+        else:
+            continue  # this model does not predict that parameter: keep the input value
+        entry = {
+            'kind': 'U' if onsite else 'V', 'atom_index': i, 'neighbour_index': j, 'translation': list(shift),
+            'manifolds': [parameter.atom_manifold, parameter.neighbour_manifold],
+            'input': float(parameter.value), 'mean': float(values.mean()), 'std': float(values.std()),
+        }
+        spread.append(entry)
+        parameter.value = float(values.mean())
+    predicted = hubbard_structure.clone()
+    predicted.hubbard = hubbard
+    return {
+        'hubbard_structure': predicted,
+        'spread': orm.Dict({'n_members': len(nodes), 'model_uuids': [n.uuid for n in nodes], 'parameters': spread}),
+    }
+
+
+__all__ += ('predict_hubbard', 'hubbard_record_from_nodes')

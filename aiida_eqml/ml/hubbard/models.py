@@ -99,6 +99,15 @@ def pair_edge_indices(graph, keys, cutoff: float | None = None) -> np.ndarray:
     return where
 
 
+def _jitted_apply(model):
+    """One jitted ``apply`` per model object, so repeated predictions do not recompile."""
+    apply = getattr(model, "_jitted_apply", None)
+    if apply is None:
+        apply = jax.jit(model.apply)
+        model._jitted_apply = apply
+    return apply
+
+
 def predict_hubbard(
     model, params, dataset: Dataset, batch_size: int = 8, graphs: Sequence | None = None
 ) -> list[dict[str, Any]]:
@@ -107,13 +116,11 @@ def predict_hubbard(
     V is reported on the couples of the sample's ``hubbard_v`` target when it has one, else on
     those of its ``hubbard_v_scf`` input (the couples the scf used).
     """
-    from aiida_eqml.ml.graph import batch_graphs  # noqa: F401  (buckets call it)
-
     config = model.config
     if graphs is None:
         graphs = build_graphs(dataset, config)
     buckets = PaddingBuckets.fixed(graphs, batch_size)
-    apply = jax.jit(lambda p, g: model.apply(p, g))
+    apply = _jitted_apply(model)
     results = []
     for start in range(0, len(graphs), batch_size):
         chunk = list(range(start, min(start + batch_size, len(graphs))))

@@ -61,10 +61,6 @@ class HubbardLabelsWorkChain(LabelsWorkChain):
         )
         spec.input('clean_workdir', valid_type=orm.Bool, default=lambda: orm.Bool(True),
                    help='Let each SelfConsistentHubbardWorkChain clean its remote folders (occupations are retrieved).')
-        spec.exit_code(
-            404, 'ERROR_OCCUPATIONS_EXTRACTION_FAILED',
-            message='The occupations of the scf of `{key}` could not be extracted: {details}',
-        )
 
     @classmethod
     def get_protocol_filepath(cls):
@@ -171,24 +167,28 @@ class HubbardLabelsWorkChain(LabelsWorkChain):
         return node.is_finished_ok or node.exit_status == EXIT_NOT_CONVERGED
 
     @staticmethod
-    def finished_hp_iterations(node) -> list:
-        """The successful ``HpWorkChain`` iterations of one SelfConsistentHubbardWorkChain, in order."""
-        links = node.base.links.get_outgoing(link_label_filter='iteration_%_hp').all()
-        return [link.node for link in sorted(links, key=lambda link: link.link_label) if link.node.is_finished_ok]
+    def finished_hp_iterations(node) -> list[tuple[int, orm.WorkflowNode]]:
+        """``[(iteration, HpWorkChain node)]`` of the successful hp.x iterations of one
+        SelfConsistentHubbardWorkChain (its call links are labelled ``iteration_NN_hp``), in order."""
+        found = []
+        for link in node.base.links.get_outgoing(link_label_filter='iteration_%_hp').all():
+            if link.node.is_finished_ok:
+                found.append((int(link.link_label.split('_')[1]), link.node))
+        return sorted(found, key=lambda item: item[0])
 
     def harvest(self, keys):
         from aiida_eqml.calculations.functions.occupations import extract_occupations
 
         labels = {}
         for key in keys:
-            for iteration, hp_node in enumerate(self.finished_hp_iterations(self.item_node(key)), start=1):
+            for iteration, hp_node in self.finished_hp_iterations(self.item_node(key)):
                 scf_calc = hp_node.inputs.hp.parent_scf.creator
                 results, extraction = extract_occupations.run_get_node(
                     retrieved=scf_calc.outputs.retrieved, structure=scf_calc.inputs.structure,
                     metadata={'call_link_label': f'occupations_{key}_{iteration:02d}'},
                 )
-                if not extraction.is_finished_ok:
-                    raise ValueError(f'`{key}` iteration {iteration}: {extraction.exit_message}')
+                if not extraction.is_finished_ok:  # becomes ERROR_HARVEST_FAILED with this message
+                    raise ValueError(f'occupations of `{key}` iteration {iteration}: {extraction.exit_message}')
                 sample_key = f'{key}_iter{iteration:02d}'
                 labels[f'{sample_key}_structure'] = scf_calc.inputs.structure
                 labels[f'{sample_key}_occupations'] = results['occupations']
