@@ -68,7 +68,7 @@ def harvest(profile: str, output: Path) -> None:
     labels, rows = {}, []
     for (loop,) in sorted(query.all(), key=lambda row: row[0].pk):
         # Unfinished loops count too: each finished hp.x iteration is a complete label.
-        for iteration, hp_node in enumerate(HubbardLabelsWorkChain.finished_hp_iterations(loop), start=1):
+        for iteration, hp_node in HubbardLabelsWorkChain.finished_hp_iterations(loop):
             scf = hp_node.inputs.hp.parent_scf.creator
             structure = scf.inputs.structure
             occupations = _existing_occupations(scf.outputs.retrieved)

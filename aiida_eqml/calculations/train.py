@@ -282,10 +282,10 @@ class EqmlTrainCalculation(CalcJob):
         the last finished epoch is on disk (written atomically every epoch).
         """
         append = f'echo $? > {EXIT_STATUS_FILENAME}'  # first line after the command: its exit status
-        limit = self.metadata.options.max_wallclock_seconds
+        limit = self.metadata.options.get('max_wallclock_seconds')
         if not limit:
             return '', append
-        budget = max(int(limit) - int(self.metadata.options.walltime_margin_seconds), 1)
+        budget = max(int(limit) - int(self.metadata.options.get('walltime_margin_seconds', 60)), 1)
         prepend = (
             f'# aiida-eqml walltime watchdog: stop the training after {budget} s (limit {limit} s)\n'
             f'( sleep {budget} && touch {WALLTIME_MARKER} && pkill -TERM -P $$ -f {TRAIN_MODULE} ) &\n'

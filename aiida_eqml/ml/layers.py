@@ -54,6 +54,12 @@ def safe_norm_vectors(vectors: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(mask[:, None], vectors, dummy)
 
 
+def _irs(irreps) -> list[e3nn.Irrep]:
+    """Irrep list for ``filter_ir_out``: e3nn-jax 0.21 misreads an ``Irreps`` with
+    multiplicities there (it builds ``Irrep(mul_ir)``), so always pass bare irreps."""
+    return sorted({ir for _, ir in e3nn.Irreps(irreps)})
+
+
 def gate_irreps(irreps_out: e3nn.Irreps) -> e3nn.Irreps:
     """Irreps to feed ``e3nn.gate`` so that it returns ``irreps_out`` (extra scalars as gates)."""
     irreps_out = e3nn.Irreps(irreps_out).regroup()
@@ -94,7 +100,7 @@ class Convolution(nn.Module):
         messages = e3nn.concatenate(
             [
                 x_j.filter(keep=irreps_out),
-                e3nn.tensor_product(x_j, edge_angular, filter_ir_out=irreps_out),
+                e3nn.tensor_product(x_j, edge_angular, filter_ir_out=_irs(irreps_out)),
             ]
         ).regroup()
         weights = RadialMLP(self.radial_hidden, messages.irreps.num_irreps)(edge_scalars)
@@ -114,7 +120,7 @@ class FieldCoupling(nn.Module):
 
     @nn.compact
     def __call__(self, node_feats, field_feats):
-        coupled = e3nn.tensor_product(node_feats, field_feats, filter_ir_out=node_feats.irreps)
+        coupled = e3nn.tensor_product(node_feats, field_feats, filter_ir_out=_irs(node_feats.irreps))
         update = e3nn.flax.Linear(node_feats.irreps, force_irreps_out=True)(coupled)
         return node_feats + update
 
@@ -176,7 +182,7 @@ class MACELayer(nn.Module):
         orders = [a]
         b = a
         for nu in range(2, self.correlation + 1):
-            b = e3nn.tensor_product(b, a, filter_ir_out=per_channel)
+            b = e3nn.tensor_product(b, a, filter_ir_out=_irs(per_channel))
             b = e3nn.flax.Linear(per_channel, force_irreps_out=True, name=f"product_{nu}")(b)
             orders.append(b)
         basis = e3nn.concatenate(orders, axis=-1).regroup().axis_to_mul()
@@ -215,7 +221,7 @@ class NodeReadout(nn.Module):
         irreps_out = e3nn.Irreps(self.irreps_out)
         small_irreps = e3nn.Irreps([(min(mul, self.product_mul), ir) for mul, ir in node_feats.irreps.regroup()])
         small = e3nn.flax.Linear(small_irreps)(node_feats)
-        products = e3nn.tensor_product(small, small, filter_ir_out=irreps_out)
+        products = e3nn.tensor_product(small, small, filter_ir_out=_irs(irreps_out))
         feats = e3nn.concatenate([node_feats.filter(keep=irreps_out), products]).regroup()
         _require(feats.irreps, irreps_out, "node readout")
         return e3nn.flax.Linear(irreps_out, num_indexed_weights=self.num_species, force_irreps_out=True)(
@@ -244,9 +250,9 @@ class EdgeReadout(nn.Module):
         want = irreps_out + e3nn.Irreps("0e")
         feats = e3nn.concatenate(
             [
-                e3nn.tensor_product(small_i, edge_angular, filter_ir_out=want),
-                e3nn.tensor_product(small_j, edge_angular, filter_ir_out=want),
-                e3nn.tensor_product(small_i, small_j, filter_ir_out=want),
+                e3nn.tensor_product(small_i, edge_angular, filter_ir_out=_irs(want)),
+                e3nn.tensor_product(small_j, edge_angular, filter_ir_out=_irs(want)),
+                e3nn.tensor_product(small_i, small_j, filter_ir_out=_irs(want)),
             ]
         ).regroup()
         _require(feats.irreps, irreps_out, "edge readout")

@@ -200,7 +200,7 @@ class EquivariantNetwork(nn.Module):
         vectors = safe_norm_vectors(edge_vectors(graph, positions, cells), graph.edge_mask)
         lengths = jnp.linalg.norm(vectors, axis=-1)
         sh = e3nn.spherical_harmonics(
-            cfg["sh_lmax"], e3nn.IrrepsArray("1o", vectors), normalize=True, normalization="component"
+            list(range(cfg["sh_lmax"] + 1)), e3nn.IrrepsArray("1o", vectors), normalize=True, normalization="component"
         )
         radial = radial_basis(lengths, cfg["cutoff"], cfg["num_radial_basis"], cfg["envelope_p"])
         edge_angular = [sh]
@@ -267,13 +267,16 @@ class EquivariantNetwork(nn.Module):
                 out = out * scale
                 if shift is not None:
                     table = _shift_table(shift, (num_species, num_species), head.irreps, name, dtype)
-                    out = out + table[graph.species[graph.senders], graph.species[graph.receivers]] * graph.edge_mask[:, None]
+                    pair_shift = table[graph.species[graph.senders], graph.species[graph.receivers]]
+                    out = out + e3nn.IrrepsArray(out.irreps, pair_shift * graph.edge_mask[:, None])
                 outputs[name] = out
                 continue
             out = NodeReadout(head.irreps, num_species, cfg["readout_product_mul"], name=f"head_{name}")(x, graph.species)
             out = out * scale
             if shift is not None:
-                out = out + _shift_table(shift, (num_species,), head.irreps, name, dtype)[graph.species]
+                out = out + e3nn.IrrepsArray(
+                    out.irreps, _shift_table(shift, (num_species,), head.irreps, name, dtype)[graph.species]
+                )
             out = out * node_mask
             if head.level == "graph":
                 out = e3nn.scatter_sum(out, dst=graph.node_graph, output_size=cells.shape[0])

@@ -10,8 +10,8 @@ and handles its failures:
 * input rejected by the training process (302): stop with ``ERROR_INVALID_INPUTS``.
 
 ``EqmlEnsembleTrainWorkChain`` runs one ``EqmlTrainWorkChain`` per seed (the config's ``seed`` drives both the
-weight initialisation and the shuffling; the split is shared on purpose so that the members' spread measures the
-model uncertainty, not the choice of test set) and returns the models in ``models.seed_<n>``.
+weight initialisation and the shuffling; a fractional split is fixed once with the config's seed and given to every
+member as explicit indices, so that the members' spread measures the model uncertainty, not the choice of test set) and returns the models in ``models.seed_<n>``.
 """
 from __future__ import annotations
 
@@ -98,6 +98,21 @@ class EqmlTrainWorkChain(BaseRestartWorkChain):
         return ProcessHandlerReport(do_break=True, exit_code=self.exit_codes.ERROR_INVALID_INPUTS.format(message=node.exit_message))
 
 
+def shared_split_config(config: dict, datasets) -> dict:
+    """``config`` with a fraction split replaced by the explicit indices it gives with the config's own seed.
+
+    The split of ``aiida_eqml.ml.training.train`` is drawn with the training seed; fixing it here gives every member
+    the same train/validation/test sets (samples ordered as the CalcJob concatenates them: sorted dataset keys).
+    """
+    from aiida_eqml.ml.training import DEFAULT_TRAINING_CONFIG, split_indices
+
+    split = config.get('split', DEFAULT_TRAINING_CONFIG['split'])
+    if 'train' in split:
+        return dict(config)
+    n_samples = sum(datasets[key].n_samples for key in sorted(datasets))
+    return {**config, 'split': split_indices(n_samples, split, int(config.get('seed', DEFAULT_TRAINING_CONFIG['seed'])))}
+
+
 def validate_ensemble(inputs, _):
     seeds = inputs.get('seeds')
     if seeds is not None:
@@ -135,7 +150,7 @@ class EqmlEnsembleTrainWorkChain(WorkChain):
 
     def run_members(self):
         inputs = AttributeDict(self.exposed_inputs(EqmlTrainWorkChain))
-        config = inputs.train.config.get_dict()
+        config = shared_split_config(inputs.train.config.get_dict(), inputs.train.datasets)
         for seed in self.seeds():
             member = {**inputs, 'train': {**inputs.train, 'config': orm.Dict({**config, 'seed': seed})}}
             member['metadata'] = {'call_link_label': f'seed_{seed}'}

@@ -160,3 +160,73 @@ def test_prediction_provenance_reaches_the_dft_calculations(aiida_profile, qe_co
         EqmlModelData, with_descendants='p', project='id'
     ).all(flat=True)
     assert path == [model.pk]
+
+
+# ====================================================================== Hubbard U / V
+@pytest.fixture(scope='module')
+def nio_occupations(aiida_profile):
+    """AFM NiO (U on Ni 3d and O 2p) and the occupation matrices of its real QE 7.2 scf (fixture files)."""
+    from test_occupations import nio_structure, retrieved_folder
+
+    from aiida_eqml.calculations.functions.occupations import extract_occupations
+
+    ensure_entry_points()
+    structure = nio_structure(False).store()
+    result = extract_occupations(retrieved=retrieved_folder('nio_u'), structure=structure)
+    return structure, result['occupations']
+
+
+def hubbard_model_node(folder, structure, occupations, seed, species=('Ni', 'O')):
+    """An untrained U model whose descriptor slots fit the NiO record (random weights, seeded)."""
+    import jax
+
+    from aiida_eqml.calculations.functions.predict import hubbard_record_from_nodes
+    from aiida_eqml.data.model import EqmlModelData
+    from aiida_eqml.ml.dataset import build_graphs
+    from aiida_eqml.ml.graph import PaddingBuckets
+    from aiida_eqml.ml.hubbard.models import hubbard_model_config
+    from aiida_eqml.ml.hubbard.records import hubbard_training_dataset
+    from aiida_eqml.ml.models import build_model
+    from aiida_eqml.ml.modelfile import save_model
+
+    dataset, attrs = hubbard_training_dataset(hubbard_record_from_nodes(structure, occupations))
+    model = build_model(hubbard_model_config(list(species), attrs, cutoff=3.5, predict_v=False))
+    graphs = build_graphs(dataset, {**model.config, 'species': ['Ni', 'O']})
+    params = model.init(jax.random.PRNGKey(seed), PaddingBuckets()(graphs))
+    path = folder / f'u{seed}.eqml'
+    save_model(path, model.config, params, {'target_specs': dataset.target_specs})
+    return EqmlModelData(filepath=path).store()
+
+
+def test_predict_hubbard_u(nio_occupations, tmp_path):
+    from aiida_eqml.calculations.functions.predict import predict_hubbard
+
+    structure, occupations = nio_occupations
+    members = [hubbard_model_node(tmp_path, structure, occupations, seed) for seed in (0, 1)]
+    result, node = predict_hubbard.run_get_node(structure, occupations, seed_0=members[0], seed_1=members[1])
+    assert node.is_finished_ok, node.exit_message
+    predicted, spread = result['hubbard_structure'], result['spread'].get_dict()
+    # U on Ni1, Ni2 and the O kind (aiida-quantumespresso keeps one on-site parameter per kind with use_kinds)
+    assert spread['n_members'] == 2 and len(spread['parameters']) == len(structure.hubbard.parameters) == 3
+    u = {entry['atom_index']: entry for entry in spread['parameters']}
+    # AFM: Ni2's occupations are Ni1's with the spins swapped; the descriptors are spin-swap invariant, so one U.
+    assert u[0]['mean'] == pytest.approx(u[1]['mean'], abs=1e-4)
+    assert all(entry['std'] > 0 for entry in spread['parameters'])  # two seeds disagree
+    assert all(entry['input'] in (5.0, 1.0) for entry in spread['parameters'])
+    # The new structure carries the ensemble means, everything else as in the input.
+    for before, after in zip(structure.hubbard.parameters, predicted.hubbard.parameters):
+        assert (after.atom_index, after.atom_manifold, after.hubbard_type) == (before.atom_index, before.atom_manifold, before.hubbard_type)
+        assert after.value == pytest.approx(u[after.atom_index]['mean'])
+    assert predicted.get_ase() == structure.get_ase()
+    inputs = {link.node.uuid for link in node.base.links.get_incoming().all()}
+    assert inputs == {structure.uuid, occupations.uuid, members[0].uuid, members[1].uuid}
+
+
+def test_predict_hubbard_refuses_unknown_species(nio_occupations, tmp_path):
+    from aiida_eqml.calculations.functions.predict import predict_hubbard
+
+    structure, occupations = nio_occupations
+    foreign = hubbard_model_node(tmp_path, structure, occupations, 0, species=('Mn', 'Ni'))  # knows no O
+    result, node = predict_hubbard.run_get_node(structure, occupations, model=foreign)
+    assert node.exit_status == 310 and "element(s) ['O']" in node.exit_message
+    assert result == {}

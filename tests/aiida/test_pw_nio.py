@@ -84,7 +84,7 @@ def test_antiferromagnetic_moments(nio_pw_calculation):
 def test_hubbard_occupations_readable(nio_pw_calculation):
     """The on-site 3d occupation matrices of the run, read back from its XML, match the traces QE printed."""
     calc = nio_pw_calculation
-    occupations = {entry['atom_index']: entry for entry in calc.tools.get_occupations()}
+    occupations = {entry['atom_index']: entry for entry in calc.tools.get_occupations(reshape=True)}
     assert set(occupations) == {1, 2}  # Hubbard U only on Ni1 and Ni2
     stdout = calc.outputs.retrieved.base.repository.get_object_content('aiida.out')
     printed = {}

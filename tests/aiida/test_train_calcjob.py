@@ -24,15 +24,17 @@ def dataset_node(python_code):
     return EqmlDatasetData.get_or_create(tiny_dataset(4))
 
 
-def builder_for(code, datasets, config, **kwargs):
+def builder_for(code, datasets, config, target=None, **kwargs):
+    """Fill the inputs of an ``eqml.train`` CalcJob on ``target`` (a builder namespace; default: a new CalcJob builder)."""
     from aiida import orm
 
     from aiida_eqml.calculations.train import EqmlTrainCalculation
 
-    builder = EqmlTrainCalculation.get_builder()
+    builder = EqmlTrainCalculation.get_builder() if target is None else target
     builder.code = code
     builder.datasets = datasets
     builder.config = orm.Dict(config)
+    builder.metadata.options.resources = {'num_machines': 1, 'num_mpiprocs_per_machine': 1}
     builder.metadata.options.max_wallclock_seconds = kwargs.pop('max_wallclock_seconds', 600)
     builder.metadata.options.walltime_margin_seconds = kwargs.pop('walltime_margin_seconds', 30)
     for key, value in kwargs.items():
@@ -161,7 +163,10 @@ def test_walltime_then_resume_from_checkpoint(python_code, dataset_node, trained
     _, reference = trained
     budget = int(max(30, 2.0 * reference.outputs.metrics['wall_time_s'] + 10))
     builder = EqmlTrainWorkChain.get_builder()
-    builder.train = builder_for(python_code, {'tio': dataset_node}, tiny_config(epochs=100000), max_wallclock_seconds=budget + 5, walltime_margin_seconds=5)._inputs(prune=True)
+    builder_for(
+        python_code, {'tio': dataset_node}, tiny_config(epochs=100000, early_stopping={'patience': 0}),
+        target=builder.train, max_wallclock_seconds=budget + 5, walltime_margin_seconds=5,
+    )
     builder.max_iterations = orm.Int(2)
     results, node = run_get_node(builder)
     assert node.exit_status == 401, (node.exit_status, node.exit_message)  # ERROR_MAXIMUM_ITERATIONS_EXCEEDED
@@ -189,3 +194,25 @@ def test_submitted_to_the_daemon_and_parsed(tmp_path):
     assert result['finished_ok'], result
     assert {'model', 'metrics', 'learning_curve', 'checkpoint', 'retrieved', 'remote_folder'} <= set(result['outputs'])
     assert result['model']['targets'] == ['born_charges', 'dielectric'] and result['epochs_run'] == 3
+
+
+def test_ensemble_trains_one_model_per_seed(python_code, dataset_node):
+    from aiida import orm
+    from aiida.engine import run_get_node
+
+    from aiida_eqml.workflows.train import EqmlEnsembleTrainWorkChain
+
+    builder = EqmlEnsembleTrainWorkChain.get_builder()
+    builder_for(python_code, {'tio': dataset_node}, tiny_config(epochs=1, seed=7), target=builder.train)
+    builder.ensemble_size = orm.Int(2)
+    results, node = run_get_node(builder)
+    assert node.is_finished_ok, (node.exit_status, node.exit_message)
+    assert sorted(results['models']) == ['seed_7', 'seed_8']
+    members = [results['models'][key] for key in ('seed_7', 'seed_8')]
+    assert members[0].content_sha256 != members[1].content_sha256  # different initial weights
+    for key, model in zip(('seed_7', 'seed_8'), members):
+        config, _, metadata = model.read()
+        assert metadata['training_config']['seed'] == int(key.split('_')[1])
+    # Same split for every member: the spread measures the model, not the test set.
+    splits = [results['metrics'][key]['split'] for key in ('seed_7', 'seed_8')]
+    assert splits[0] == splits[1]

@@ -133,12 +133,14 @@ def test_rotating_the_crystal_and_its_occupations_leaves_u_and_v_unchanged(uv_ru
     assert len(keys) == 24 and np.std(v) > 1e-6  # Ni->O and O->Ni couples, not all alike
 
     # (a) exact: the Wigner matrices in QE's basis, for a generic proper rotation and an improper one
+    exact_error = 0.0
     for rotation in (ROTATION, -generate.rotation_matrix([0.3, -1.0, 0.5], 2.1)):
         moved = nio_sample(*rotate_blocks(onsite, intersite, rotation), generate.CELL @ rotation.T)
         out = predictions(model, params, [moved])[0]
         np.testing.assert_allclose(out["hubbard_u"], u, atol=TIGHT)
         np.testing.assert_array_equal(out["hubbard_v"][0], keys)
         np.testing.assert_allclose(out["hubbard_v"][1], v, atol=TIGHT)
+        exact_error = max(exact_error, np.abs(out["hubbard_u"] - u).max(), np.abs(out["hubbard_v"][1] - v).max())
 
     # (b) real pw.x run of the rotated crystal (its own SCF noise, ~1e-4 in n)
     out = predictions(model, params, [nio_sample(onsite_rot, intersite_rot, generate.CELL @ ROTATION.T)])[0]
@@ -146,9 +148,10 @@ def test_rotating_the_crystal_and_its_occupations_leaves_u_and_v_unchanged(uv_ru
     np.testing.assert_allclose(out["hubbard_v"][1], v, atol=2e-3)
 
     # the check has teeth: rotating the crystal but not its occupations changes the predictions far
-    # more than the float32 rounding the exact check tolerates
+    # more than the float32 rounding of the exact check (measured ~1e-7 vs ~6e-5 with random weights)
     wrong = predictions(model, params, [nio_sample(onsite, intersite, generate.CELL @ ROTATION.T)])[0]
-    assert max(np.abs(wrong["hubbard_u"] - u).max(), np.abs(wrong["hubbard_v"][1] - v).max()) > 5 * TIGHT
+    wrong_error = max(np.abs(wrong["hubbard_u"] - u).max(), np.abs(wrong["hubbard_v"][1] - v).max())
+    assert wrong_error > 20 * max(exact_error, 1e-7), (wrong_error, exact_error)
 
 
 def test_rotation_with_u_on_two_manifolds(u_runs):
@@ -306,7 +309,7 @@ def test_ensemble_trains_saves_and_gives_a_spread(tmp_path):
         assert run.history[-1]["train_loss"] < 0.5 * run.history[0]["train_loss"]
     out = ensemble.predict(dataset)
     mean, std = out[0]["hubbard_u"]
-    assert mean.shape == (4,) and np.all(np.isnan(mean[2:])) is not None
+    assert mean.shape == (4,) and np.all(np.isfinite(mean))  # O 2p is a manifold in this run (U = 1 eV)
     assert np.all(std[:2] > 0)  # two seeds, two different models
     members = ensemble.member_predictions(dataset)
     np.testing.assert_allclose(mean[:2], (members[0][0]["hubbard_u"][:2] + members[1][0]["hubbard_u"][:2]) / 2)

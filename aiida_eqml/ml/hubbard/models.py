@@ -22,13 +22,11 @@ from __future__ import annotations
 import copy
 from typing import Any, Mapping, Sequence
 
-import e3nn_jax as e3nn
 import jax
 import numpy as np
 
 from aiida_eqml.ml.dataset import Dataset, build_graphs
 from aiida_eqml.ml.graph import PaddingBuckets, match_edges
-from aiida_eqml.ml.models import build_model
 
 from .records import PAIR_ATTR, SITE_ATTR
 
