@@ -318,6 +318,8 @@ def main(argv=None) -> int:
                 epochs = max(1, round(args.epochs * math.ceil(n_max / args.batch_size) / math.ceil(n / args.batch_size)))
                 results.append(run_one(dataset, route, target, pool[:n], test_idx, epochs, args.batch_size, args.lr,
                                        args.seed, log, mean_neighbours(dataset, pool[:n], MODEL_CONFIG["cutoff"])))
+                # Written after every training so a run cut short still leaves its finished points.
+                merge_json(Path(args.out_json), "learning_curves_partial", {"device": info, "results": results})
 
     # Table
     log("")
