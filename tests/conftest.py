@@ -30,6 +30,29 @@ pytest_plugins = ['aiida.tools.pytest_fixtures']
 _THIS_CONFTEST = sys.modules[__name__]
 
 
+def pytest_configure(config):
+    """One persistent XLA compilation cache for the whole run, shared with the subprocesses it starts.
+
+    Many tests train the same tiny models again (resume vs uninterrupted run, the CLI, each training CalcJob in
+    its own ``train_cli`` process); compiling them is most of their time on a 2-core machine. The cache is a fresh
+    directory per run (so a run never depends on an earlier one) unless ``JAX_COMPILATION_CACHE_DIR`` is set.
+    Cached executables are the ones XLA would compile again: results are unchanged.
+    """
+    import os
+    import tempfile
+
+    if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+        os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='eqml-xla-cache-')
+    os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+    if 'jax' in sys.modules:  # already imported by a plugin: the environment variables came too late
+        import jax
+
+        jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+        jax.config.update(
+            'jax_persistent_cache_min_compile_time_secs', float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'])
+        )
+
+
 def pytest_collection_finish(session):
     """Make ``from conftest import make_nio_afm_hubbard_structure`` in test functions import this file.
 

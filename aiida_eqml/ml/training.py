@@ -26,6 +26,7 @@ units with :mod:`aiida_eqml.ml.metrics` by :func:`evaluate`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -667,23 +668,24 @@ def train(
             log(f"epoch {epoch + 1}: train {train_loss:.5g} val {val_loss:.5g} lr {lr:.3g}")
         stop = patience > 0 and bad_epochs >= patience
         if out_path:
-            save_checkpoint(
-                os.path.join(out_path, "checkpoint.msgpack"),
-                {
-                    "config": _config_fingerprint(cfg),
-                    "model_config": json.dumps(model_config, sort_keys=True),
-                    "epoch": epoch + 1,
-                    "params": jax.tree_util.tree_map(np.asarray, params),
-                    "opt_state": serialization.to_state_dict(jax.tree_util.tree_map(np.asarray, opt_state)),
-                    "best_params": best["params"],
-                    "best_loss": best["loss"],
-                    "best_epoch": best["epoch"],
-                    "bad_epochs": bad_epochs,
-                    "first_loss": first_loss,
-                    "history": json.dumps(history),
-                },
-            )
-            write_logs(out_path, history)
+            with _termination_deferred():
+                write_logs(out_path, history)
+                save_checkpoint(
+                    os.path.join(out_path, "checkpoint.msgpack"),
+                    {
+                        "config": _config_fingerprint(cfg),
+                        "model_config": json.dumps(model_config, sort_keys=True),
+                        "epoch": epoch + 1,
+                        "params": jax.tree_util.tree_map(np.asarray, params),
+                        "opt_state": serialization.to_state_dict(jax.tree_util.tree_map(np.asarray, opt_state)),
+                        "best_params": best["params"],
+                        "best_loss": best["loss"],
+                        "best_epoch": best["epoch"],
+                        "bad_epochs": bad_epochs,
+                        "first_loss": first_loss,
+                        "history": json.dumps(history),
+                    },
+                )
         if stop:
             stopped_early = True
             break
@@ -720,13 +722,45 @@ def _step_count(opt_state) -> int:
 
 
 def write_logs(out_dir: str, history: list[dict]) -> None:
-    """``log.csv`` (one row per epoch) and ``log.json`` (the same rows)."""
+    """``log.csv`` (one row per epoch) and ``log.json`` (the same rows), each replaced atomically."""
     if not history:
         return
     fields = list(dict.fromkeys(k for row in history for k in row))
-    with open(os.path.join(out_dir, "log.csv"), "w", newline="") as handle:
+    csv_path, json_path = os.path.join(out_dir, "log.csv"), os.path.join(out_dir, "log.json")
+    with open(f"{csv_path}.tmp{os.getpid()}", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(history)
-    with open(os.path.join(out_dir, "log.json"), "w") as handle:
+    with open(f"{json_path}.tmp{os.getpid()}", "w") as handle:
         json.dump(history, handle, indent=1)
+    os.replace(f"{csv_path}.tmp{os.getpid()}", csv_path)
+    os.replace(f"{json_path}.tmp{os.getpid()}", json_path)
+
+
+@contextlib.contextmanager
+def _termination_deferred():
+    """Hold back SIGTERM/SIGINT while an epoch's logs and checkpoint are written, so they always agree.
+
+    A walltime watchdog or a scheduler stops training with SIGTERM; arriving between the log and the checkpoint it
+    would leave a checkpoint whose history the retrieved ``log.csv`` lacks. During the block a Python handler only
+    records the signal (Python runs handlers in the main thread whichever thread the kernel picked, which a signal
+    mask cannot promise once XLA has started its threads); afterwards the previous handlers come back and a
+    recorded signal is raised again, so it takes its normal effect. Outside the main thread nothing is deferred.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous[signum] = signal.signal(signum, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)

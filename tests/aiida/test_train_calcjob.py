@@ -161,7 +161,7 @@ def test_walltime_then_resume_from_checkpoint(python_code, dataset_node, trained
     from aiida_eqml.workflows.train import EqmlTrainWorkChain
 
     _, reference = trained
-    budget = int(max(30, 2.0 * reference.outputs.metrics['wall_time_s'] + 10))
+    budget = int(max(30, 1.5 * reference.outputs.metrics['wall_time_s'] + 8))
     builder = EqmlTrainWorkChain.get_builder()
     builder_for(
         python_code, {'tio': dataset_node}, tiny_config(epochs=100000, early_stopping={'patience': 0}),

@@ -68,11 +68,12 @@ def setup():
                     res[name] = t.to_cartesian(arr) if t is not None else arr
                 return res
 
-        yield model, params, graph, cartesian
+        # One compiled apply for the whole module: compiling the third derivatives is most of these tests' time.
+        yield model, params, graph, cartesian, apply
 
 
 def test_derivative_heads_have_direct_head_irreps(setup):
-    model, _, _, _ = setup
+    model, _, _, _, _ = setup
     assert model.heads["born_charges"].irreps == model.heads["born_direct"].irreps == e3nn.Irreps("0e+1e+2e")
     assert model.heads["raman"].irreps == model.heads["raman_direct"].irreps == e3nn.Irreps("2x1o+2o+3o")
     assert model.heads["dielectric"].irreps == e3nn.Irreps("0e+2e")
@@ -81,10 +82,9 @@ def test_derivative_heads_have_direct_head_irreps(setup):
 
 @pytest.mark.parametrize("improper", [False, True])
 def test_derivative_heads_equivariant(setup, rotation, improper):
-    model, params, graph, _ = setup
+    model, params, graph, _, apply = setup
     rot = rotation(5, improper)
     with jax.enable_x64(True):
-        apply = jax.jit(model.apply)
         out = apply(params, graph)
         rotated = graph._replace(
             positions=graph.positions @ rot.T,
@@ -100,7 +100,7 @@ def test_derivative_heads_equivariant(setup, rotation, improper):
 
 
 def test_acoustic_sum_rules_and_values(setup):
-    _, _, graph, cartesian = setup
+    _, _, graph, cartesian, _ = setup
     out = cartesian(graph)
     born, raman = out["born_charges"][:N_ATOMS], out["raman"][:N_ATOMS]
     assert np.abs(born).max() > 1e-4 and np.abs(raman).max() > 1e-6
@@ -120,7 +120,7 @@ def _displaced(graph, atom, axis, h):
 
 
 def test_finite_differences(setup):
-    _, _, graph, cartesian = setup
+    _, _, graph, cartesian, _ = setup
     h = 1e-4
     ref = cartesian(graph)
     volume = abs(np.linalg.det(np.asarray(graph.cells[0])))
