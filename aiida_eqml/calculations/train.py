@@ -91,6 +91,7 @@ def _model_heads(config: dict, parent: EqmlModelData | None) -> dict:
 
 def check_training_inputs(datasets: dict, config: dict, parent: EqmlModelData | None = None) -> None:
     """Raise :class:`TrainingInputError` for inputs that cannot train (cheap: attributes, one file read)."""
+    from aiida_eqml.ml.hubbard.records import HUBBARD_TARGET_SPECS
     from aiida_eqml.ml.modelfile import ModelFileError
     from aiida_eqml.ml.training import training_config
 
@@ -98,9 +99,6 @@ def check_training_inputs(datasets: dict, config: dict, parent: EqmlModelData | 
         full = training_config(config)
     except ValueError as exception:
         raise TrainingInputError('ERROR_INVALID_CONFIG', f'invalid training config: {exception}') from exception
-    if parent is None and not (full.get('model') or {}).get('heads'):
-        raise TrainingInputError('ERROR_INVALID_CONFIG', 'the training config has no `model.heads` and no parent model')
-
     specs: dict[str, tuple[str, dict]] = {}
     for key, node in datasets.items():
         for name, spec in (node.target_specs or {}).items():
@@ -112,7 +110,11 @@ def check_training_inputs(datasets: dict, config: dict, parent: EqmlModelData | 
                 )
             specs.setdefault(name, (key, spec))
 
-    heads = _model_heads(full, parent)
+    # Hubbard records get their U / V heads from the labels (aiida_eqml.ml.hubbard.training) when none are given.
+    hubbard_heads = {name: {} for name in HUBBARD_TARGET_SPECS if name in specs}
+    if parent is None and not (full.get('model') or {}).get('heads') and not hubbard_heads:
+        raise TrainingInputError('ERROR_INVALID_CONFIG', 'the training config has no `model.heads` and no parent model')
+    heads = _model_heads(full, parent) or hubbard_heads
     learnable = sorted(set(heads) & set(specs))
     if not learnable:
         names = {key: node.target_names for key, node in datasets.items()}

@@ -52,6 +52,7 @@ def _write_json(path: str, data) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from aiida_eqml.ml.dataset import Dataset
+    from aiida_eqml.ml.hubbard.training import is_hubbard_record, prepare_hubbard_training
     from aiida_eqml.ml.modelfile import file_sha256, load_model, save_model
     from aiida_eqml.ml.training import DivergenceError, NaNLossError, train
 
@@ -81,6 +82,11 @@ def run(args: argparse.Namespace) -> int:
             parent_info = {"path": os.path.abspath(args.parent_model), "sha256": file_sha256(args.parent_model)}
         if args.resume and not os.path.exists(args.resume):
             raise FileNotFoundError(f"--resume: {args.resume} does not exist")
+        hubbard_slots = None
+        if is_hubbard_record(dataset):  # occupation matrices -> descriptors, U/V heads (aiida_eqml.ml.hubbard.training)
+            dataset, config, hubbard_slots = prepare_hubbard_training(
+                dataset, config, parent_meta if args.parent_model else None
+            )
     except (ValueError, KeyError, FileNotFoundError, json.JSONDecodeError) as exc:
         return finish("invalid_input", f"{type(exc).__name__}: {exc}")
 
@@ -103,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         "dataset_sha256": file_sha256(args.dataset),
         "parent_model": parent_info,
     }
+    if hubbard_slots is not None:
+        metadata["hubbard"] = hubbard_slots  # what prediction needs to read another scf's occupations
     model_path = os.path.join(args.out, MODEL_FILENAME)
     model_sha = save_model(model_path, result.model_config, result.params, metadata)
     return finish(

@@ -230,3 +230,58 @@ def test_predict_hubbard_refuses_unknown_species(nio_occupations, tmp_path):
     result, node = predict_hubbard.run_get_node(structure, occupations, model=foreign)
     assert node.exit_status == 310 and "element(s) ['O']" in node.exit_message
     assert result == {}
+
+
+def test_hubbard_model_trained_by_the_calcjob_predicts_u_and_v(aiida_profile, tmp_path):
+    """Real DFT+U+V occupations -> harvested U/V labels -> ``eqml.train`` CalcJob -> ``predict_hubbard``.
+
+    The training process recognises the Hubbard record by itself (no heads or descriptor irreps in the config),
+    and writes the descriptor slots into the model file, where the prediction reads them.
+    """
+    from aiida import orm
+    from aiida.engine import run_get_node
+    from conftest import make_nio_afm_hubbard_structure
+    from conftest_train import local_computer
+    from test_occupations import nio_structure, retrieved_folder
+
+    from aiida_eqml.calculations.functions.harvest import harvest_hubbard_labels
+    from aiida_eqml.calculations.functions.occupations import extract_occupations
+    from aiida_eqml.calculations.functions.predict import predict_hubbard
+    from aiida_eqml.calculations.train import EqmlTrainCalculation, get_or_create_python_code
+
+    ensure_entry_points()
+    structure = nio_structure(True).store()
+    occupations = extract_occupations(retrieved=retrieved_folder('nio_uv'), structure=structure)['occupations']
+    labels = make_nio_afm_hubbard_structure()  # what hp.x returns: new U on both Ni, new V on both couples
+    labels.clear_hubbard_parameters()
+    for atom in (0, 1):
+        labels.append_hubbard_parameter(atom, '3d', atom, '3d', 6.4, (0, 0, 0), 'U')
+    labels.append_hubbard_parameter(0, '3d', 2, '2p', 0.9, (-1, 0, 0), 'V')
+    labels.append_hubbard_parameter(1, '3d', 2, '2p', 0.9, (0, 0, 1), 'V')
+    dataset = harvest_hubbard_labels(nio_structure=structure, nio_occupations=occupations, nio_hubbard=labels.store())
+
+    builder = EqmlTrainCalculation.get_builder()
+    builder.code = get_or_create_python_code(local_computer(str(tmp_path / 'work'), label='eqml-hubbard-localhost'))
+    builder.datasets = {'nio': dataset}
+    builder.config = orm.Dict({
+        'model': {'cutoff': 3.5, 'hidden_irreps': '8x0e + 2x1o + 2x2e', 'num_layers': 1},
+        'epochs': 60, 'split': {'train': [0], 'val': [], 'test': []}, 'progress': False,
+    })
+    builder.metadata.options.resources = {'num_machines': 1, 'num_mpiprocs_per_machine': 1}
+    trained, train_node = run_get_node(builder)
+    assert train_node.is_finished_ok, (train_node.exit_status, train_node.exit_message)
+    model = trained['model']
+    assert sorted(model.targets) == ['hubbard_u', 'hubbard_v']
+    _, _, metadata = model.read()
+    # Ni 3d and O 2p; the couples in both directions (occup.txt gives n^IJ and n^JI)
+    assert metadata['hubbard'] == {'manifold_ls': [1, 2], 'pair_ls': [[1, 2], [2, 1]]}
+
+    result, node = predict_hubbard.run_get_node(structure, occupations, model=model)
+    assert node.is_finished_ok, node.exit_message
+    values = {(p.atom_index, p.neighbour_index): p.value for p in result['hubbard_structure'].hubbard.parameters}
+    assert set(values) == {(0, 0), (1, 1), (0, 2), (1, 2)}  # the parameters of the input structure, new values
+    assert values[(0, 0)] == pytest.approx(6.4, abs=0.15) and values[(1, 1)] == pytest.approx(6.4, abs=0.15)  # U
+    assert values[(0, 2)] == pytest.approx(0.9, abs=0.15) and values[(1, 2)] == pytest.approx(0.9, abs=0.15)  # V
+    # Provenance: the prediction's model was made by the training CalcJob from the harvested dataset.
+    assert node.inputs.model.creator.pk == train_node.pk and train_node.inputs.datasets.nio.pk == dataset.pk
+    assert dataset.creator.inputs.nio_occupations.pk == occupations.pk
