@@ -16,6 +16,12 @@ predictions with ensemble spread, settings), ``docs/benchmarks/hubbard_uv_parity
 One sample = one hp.x run: inputs are the occupation matrices of the scf hp.x perturbed and the U
 that scf used; the target is the U hp.x returned. The split is by *structure* (all iterations of a
 held-out structure are in the test set), so the test measures prediction on crystals not seen.
+
+``harvest`` also stores, per sample, scalars of the pw.x scf that hp.x perturbed (cutoff, k mesh,
+occupations, convergence, magnetization, electrons and band gap per spin channel: see
+:func:`scf_diagnostics`). ``train --quality-filter insulating`` drops the labels whose perturbed
+ground state is metallic in a spin channel (``aiida_eqml.ml.hubbard.records.hubbard_label_issues``);
+``--ecutwfc 60`` keeps only the labels of one cutoff. Both only look at the scf, never at the label.
 """
 from __future__ import annotations
 
@@ -54,6 +60,77 @@ def _existing_occupations(retrieved):
     return None
 
 
+def spin_channel_gaps(bands, occupations, weights, fermi_energy=None, tol: float = 0.01):
+    """``[(electrons, gap_eV)]`` per spin channel of a pw.x run from its bands ``[nspin, nk, nb]`` (eV),
+    occupations (same shape, 0..1 per state), k weights and, for smeared occupations, the Fermi energy.
+
+    Smearing: a channel is metallic (gap 0) when one of its bands crosses the Fermi energy on the k
+    mesh; otherwise the gap is lowest band above minus highest band below E_F. (The electron count of
+    a gapped channel can be off an integer by ~0.02 under cold smearing, so it is reported but not
+    used.) Fixed occupations: the channel holds an integer number N of electrons (else gap 0) and the
+    gap is min_k e_{N+1} - max_k e_N, negative when filled and empty bands overlap. Pure numpy.
+    """
+    bands, occupations = np.asarray(bands, float), np.asarray(occupations, float)
+    if bands.ndim == 2:
+        bands, occupations = bands[None], occupations[None]
+    w = np.asarray(weights, float) / np.sum(weights)
+    out = []
+    for e, f in zip(bands, occupations):
+        electrons = float(np.sum(w[:, None] * f))
+        if fermi_energy is not None:
+            below, above = np.all(e < fermi_energy, axis=0), np.all(e > fermi_energy, axis=0)
+            if not np.all(below | above) or not below.any() or not above.any():
+                gap = 0.0
+            else:
+                gap = float(np.min(e[:, above]) - np.max(e[:, below]))
+        else:
+            n = int(round(electrons))
+            if abs(electrons - n) > tol:
+                gap = 0.0
+            elif n == 0 or n >= e.shape[1]:
+                gap = float("nan")
+            else:
+                gap = float(np.min(e[:, n]) - np.max(e[:, n - 1]))
+        out.append((electrons, gap))
+    if len(out) == 1:
+        out = out * 2
+    return out
+
+
+def scf_diagnostics(scf) -> dict:
+    """Scalars of the pw.x scf that hp.x perturbed (stored in ``Sample.info``; see
+    ``aiida_eqml.ml.hubbard.records.hubbard_label_issues``)."""
+    parameters = scf.inputs.parameters.get_dict()
+    output = scf.outputs.output_parameters.get_dict()
+    bands = scf.outputs.output_band
+    smearing = parameters["SYSTEM"].get("occupations") == "smearing"
+    (n_up, gap_up), (n_down, gap_down) = spin_channel_gaps(
+        bands.get_bands(), bands.get_array("occupations"), bands.get_array("weights"),
+        fermi_energy=output.get("fermi_energy") if smearing else None,
+    )
+    try:
+        mesh = [int(x) for x in scf.inputs.kpoints.get_kpoints_mesh()[0]]
+    except AttributeError:
+        mesh = None
+    convergence = output.get("convergence_info", {}).get("scf_conv", {})
+    return {
+        "scf_pk": scf.pk,
+        "ecutwfc": float(parameters["SYSTEM"]["ecutwfc"]),
+        "kpoints_mesh": mesh,
+        "occupations": parameters["SYSTEM"].get("occupations", "fixed"),
+        "degauss_ry": parameters["SYSTEM"].get("degauss"),
+        "scf_converged": bool(convergence.get("convergence_achieved", False)),
+        "scf_steps": int(convergence.get("n_scf_steps", output.get("scf_iterations", -1))),
+        "total_magnetization": float(output.get("total_magnetization", 0.0)),
+        "absolute_magnetization": float(output.get("absolute_magnetization", 0.0)),
+        "electrons_up": n_up,
+        "electrons_down": n_down,
+        "band_gap_up_ev": gap_up,
+        "band_gap_down_ev": gap_down,
+        "band_gap_ev": float(min(gap_up, gap_down)),
+    }
+
+
 def harvest(profile: str, output: Path) -> None:
     from aiida import load_profile, orm
 
@@ -65,7 +142,7 @@ def harvest(profile: str, output: Path) -> None:
     query = orm.QueryBuilder().append(
         orm.WorkChainNode, filters={"attributes.process_label": "SelfConsistentHubbardWorkChain"}, project="*"
     )
-    labels, rows = {}, []
+    labels, rows, diagnostics = {}, [], {}
     for (loop,) in sorted(query.all(), key=lambda row: row[0].pk):
         # Unfinished loops count too: each finished hp.x iteration is a complete label.
         for iteration, hp_node in HubbardLabelsWorkChain.finished_hp_iterations(loop):
@@ -85,6 +162,7 @@ def harvest(profile: str, output: Path) -> None:
             labels[f"{key}_structure"] = structure
             labels[f"{key}_occupations"] = occupations
             labels[f"{key}_hubbard"] = hp_node.outputs.hubbard_structure
+            diagnostics[key] = scf_diagnostics(scf)
             rows.append((key, loop.pk, iteration))
     if not labels:
         raise SystemExit("no finished hp.x iteration in this profile")
@@ -98,14 +176,21 @@ def harvest(profile: str, output: Path) -> None:
         a = int(a_milli[1:]) / 1000.0
         sample.info.update(
             {"element": element, "order": order, "a": a, "strain": round(a / A0[element], 3),
-             "loop_pk": int(pk[2:]), "iteration": int(iteration[4:]), "dataset_node_uuid": node.uuid}
+             "loop_pk": int(pk[2:]), "iteration": int(iteration[4:]), "dataset_node_uuid": node.uuid,
+             **diagnostics[name]}
         )
     output.parent.mkdir(parents=True, exist_ok=True)
     dataset.save(output)
     print(f"{len(dataset)} hp.x labels from {len({r[1] for r in rows})} loops -> {output} (eqml.dataset pk {node.pk})")
+    print(f"  {'sample':40s} {'ecut':>4s} {'occ':5s} {'conv':4s} {'steps':>5s} {'M':>6s} {'|M|':>5s} {'N_up':>6s} {'N_dn':>6s}"
+          f" {'gap_up':>6s} {'gap_dn':>6s} {'d_up':>5s} {'d_dn':>5s} {'U_scf':>6s} {'U_hp':>6s}")
     for s in dataset.samples:
         u = s.node_targets["hubbard_u"][:, 0]
-        print(f"  {s.info['name']:40s} U_scf {s.node_attrs['hubbard_u_scf'][0]:6.3f} -> U_hp {u[0]:6.3f}")
+        i, d = s.info, s.node_attrs["occupations"][0]
+        print(f"  {i['name']:40s} {i['ecutwfc']:4.0f} {i['occupations'][:5]:5s} {str(i['scf_converged']):4s} {i['scf_steps']:5d}"
+              f" {i['total_magnetization']:6.2f} {i['absolute_magnetization']:5.2f} {i['electrons_up']:6.2f} {i['electrons_down']:6.2f}"
+              f" {i['band_gap_up_ev']:6.2f} {i['band_gap_down_ev']:6.2f} {np.trace(d[0]):5.2f} {np.trace(d[1]):5.2f}"
+              f" {s.node_attrs['hubbard_u_scf'][0]:6.3f} {u[0]:6.3f}")
 
 
 # ============================================================================ train (pure ML)
@@ -146,6 +231,28 @@ def site_rows(record, predictions, indices):
     return rows
 
 
+def add_baselines(table: dict) -> None:
+    """Two baselines fitted on the training sites only, written into every row:
+
+    * ``u_baseline``: the per-element mean U (what the model's normalisation shift alone gives);
+    * ``u_linear_baseline``: per (element, magnetic order) a straight line U(a/a0) through the
+      training strains (the mean where the training set has one strain only).
+    """
+    train_rows = table["train"]
+    mean_by_element = {el: float(np.mean([r["u_hp"] for r in train_rows if r["element"] == el]))
+                       for el in {r["element"] for r in train_rows}}
+    lines = {}
+    for key in {(r["element"], r["order"]) for r in train_rows}:
+        x = np.array([r["strain"] for r in train_rows if (r["element"], r["order"]) == key])
+        y = np.array([r["u_hp"] for r in train_rows if (r["element"], r["order"]) == key])
+        lines[key] = np.polyfit(x, y, 1) if len(set(x.tolist())) > 1 else np.array([0.0, float(np.mean(y))])
+    for rows in table.values():
+        for r in rows:
+            r["u_baseline"] = mean_by_element.get(r["element"], float("nan"))
+            line = lines.get((r["element"], r["order"]))
+            r["u_linear_baseline"] = float(np.polyval(line, r["strain"])) if line is not None else r["u_baseline"]
+
+
 def errors(rows, key="u_pred") -> dict:
     if not rows:
         return {}
@@ -176,8 +283,10 @@ def parity_plot(table: dict, path: Path) -> None:
     allv = [r[k] for rows in table.values() for r in rows for k in ("u_hp", "u_pred")]
     lo, hi = min(allv) - 0.3, max(allv) + 0.3
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    present = {r["element"] for rows in table.values() for r in rows}
     for el, c in colors.items():
-        ax.plot([], [], "o", color=c, label=el)
+        if el in present:
+            ax.plot([], [], "o", color=c, label=el)
     ax.plot([], [], "o", mfc="none", mec="k", label="train (open)")
     ax.plot([], [], "D", color="k", label="held-out (filled)")
     ax.set_xlim(lo, hi), ax.set_ylim(lo, hi)
@@ -189,13 +298,49 @@ def parity_plot(table: dict, path: Path) -> None:
     fig.savefig(path, dpi=130)
 
 
+#: ``--quality-filter`` choices -> ``hubbard_label_issues`` criteria (None: no filter).
+QUALITY_FILTERS = {
+    "none": None,
+    "insulating": {"channels": "both"},
+    "majority-gap": {"channels": "majority"},
+}
+
+
+def select_labels(record, args):
+    """Apply ``--ecutwfc`` (labels of one DFT setting only) and ``--quality-filter`` (physics of the scf
+    hp.x perturbed, see ``hubbard_label_issues``; never the U label). Returns (kept record, report)."""
+    from aiida_eqml.ml.hubbard.records import filter_hubbard_record
+
+    report = {"n_harvested": len(record), "ecutwfc": args.ecutwfc, "quality_filter": args.quality_filter,
+              "min_gap_ev": args.min_gap, "removed": {}}
+    if args.ecutwfc is not None:
+        keep = [i for i, s in enumerate(record.samples) if abs(s.info.get("ecutwfc", -1) - args.ecutwfc) < 1e-6]
+        for i, s in enumerate(record.samples):
+            if i not in keep:
+                report["removed"][s.info["name"]] = [f"ecutwfc {s.info.get('ecutwfc')} Ry, not {args.ecutwfc:g}"]
+        record = record.subset(keep)
+    criteria = QUALITY_FILTERS[args.quality_filter]
+    if criteria is not None:
+        record, removed = filter_hubbard_record(record, min_gap_ev=args.min_gap, **criteria)
+        report["removed"].update(removed)
+    report["n_kept"] = len(record)
+    if not len(record):
+        raise SystemExit("every label was removed by the selection")
+    print(f"{report['n_kept']} of {report['n_harvested']} labels kept (ecutwfc={args.ecutwfc}, "
+          f"quality filter {args.quality_filter!r}, min gap {args.min_gap} eV)")
+    for name, issues in report["removed"].items():
+        print(f"  removed {name:40s} {'; '.join(issues)}")
+    return record, report
+
+
 def run_training(args) -> None:
     from aiida_eqml.ml.dataset import Dataset
     from aiida_eqml.ml.hubbard.ensemble import train_ensemble
     from aiida_eqml.ml.hubbard.models import hubbard_model_config
     from aiida_eqml.ml.hubbard.records import hubbard_training_dataset
 
-    record = Dataset.load(args.labels)
+    full = Dataset.load(args.labels)
+    record, selection = select_labels(full, args)
     dataset, attrs = hubbard_training_dataset(record)
     split = choose_split(record, args.test_strains, args.val_fraction, args.seed)
     if not split["test"]:
@@ -218,14 +363,9 @@ def run_training(args) -> None:
     predictions = ensemble.predict(dataset)
     table = {k: site_rows(record, predictions, split[k]) for k in ("train", "val", "test")}
 
-    # Baseline: the per-element mean U of the training sites (what the normalisation shift alone gives).
-    train_rows = table["train"]
-    mean_by_element = {el: float(np.mean([r["u_hp"] for r in train_rows if r["element"] == el]))
-                       for el in {r["element"] for r in train_rows}}
-    for rows in table.values():
-        for r in rows:
-            r["u_baseline"] = mean_by_element.get(r["element"], float("nan"))
+    add_baselines(table)
     metrics = {k: {"model": errors(rows), "element_mean_baseline": errors(rows, "u_baseline"),
+                   "element_strain_linear_baseline": errors(rows, "u_linear_baseline"),
                    "mean_ensemble_std_ev": float(np.mean([r["u_std"] for r in rows])) if rows else None}
                for k, rows in table.items()}
     members = [{"seed": m["seed"], "final_train_loss": run.history[-1]["train_loss"]} for m, run in zip(ensemble.metadata, runs)]
@@ -235,20 +375,22 @@ def run_training(args) -> None:
           f"held-out strains {args.test_strains}; {args.members} members x {args.epochs} epochs in {train_seconds:.0f} s")
     print(f"{'subset':6s} {'sites':>5s} {'MAE eV':>8s} {'RMSE eV':>8s} {'MARE %':>7s} {'std eV':>7s} | {'baseline MAE':>12s} {'MARE %':>7s}")
     for k in ("train", "val", "test"):
-        m, b = metrics[k]["model"], metrics[k]["element_mean_baseline"]
+        m, b, lb = (metrics[k][x] for x in ("model", "element_mean_baseline", "element_strain_linear_baseline"))
         if m:
             print(f"{k:6s} {m['n_sites']:5d} {m['mae_ev']:8.3f} {m['rmse_ev']:8.3f} {m['mare_percent']:7.2f} "
-                  f"{metrics[k]['mean_ensemble_std_ev']:7.3f} | {b['mae_ev']:12.3f} {b['mare_percent']:7.2f}")
+                  f"{metrics[k]['mean_ensemble_std_ev']:7.3f} | {b['mae_ev']:12.3f} {b['mare_percent']:7.2f}"
+                  f" | linear-in-strain {lb['mae_ev']:.3f} eV {lb['mare_percent']:.2f} %")
     print("\nheld-out sites:")
-    print(f"{'sample':40s} {'U_scf':>6s} {'U_hp':>6s} {'pred':>6s} {'std':>5s} {'base':>6s}")
+    print(f"{'sample':40s} {'U_scf':>6s} {'U_hp':>6s} {'pred':>6s} {'std':>5s} {'base':>6s} {'linear':>6s}")
     for r in table["test"]:
-        print(f"{r['sample']:40s} {r['u_scf']:6.3f} {r['u_hp']:6.3f} {r['u_pred']:6.3f} {r['u_std']:5.3f} {r['u_baseline']:6.3f}")
+        print(f"{r['sample']:40s} {r['u_scf']:6.3f} {r['u_hp']:6.3f} {r['u_pred']:6.3f} {r['u_std']:5.3f} {r['u_baseline']:6.3f} {r['u_linear_baseline']:6.3f}")
 
     out = {
         "description": "Hubbard U (TM 3d) from real hp.x labels (QE 7.2 via qepy, aiida-hubbard SelfConsistentHubbardWorkChain,"
-        " 2 iterations per structure); ensemble of independently seeded small NequIP models on occupation descriptors",
+        " see selection for which labels); ensemble of independently seeded small NequIP models on occupation descriptors",
         "labels_file": os.path.relpath(args.labels, ROOT),
         "n_samples": len(record),
+        "selection": selection,
         "split": {k: [record.samples[i].info["name"] for i in v] for k, v in split.items()},
         "test_strains": list(args.test_strains),
         "model_config": model_config,
@@ -277,6 +419,10 @@ def main(argv=None) -> None:
     t.add_argument("--results", type=Path, default=RESULTS)
     t.add_argument("--plot", type=Path, default=PARITY)
     t.add_argument("--test-strains", type=float, nargs="+", default=[0.98, 1.02])
+    t.add_argument("--ecutwfc", type=float, default=None, help="keep only labels computed at this cutoff (Ry)")
+    t.add_argument("--quality-filter", choices=sorted(QUALITY_FILTERS), default="none",
+                   help="drop labels whose perturbed scf is metallic in both / the majority spin channel(s)")
+    t.add_argument("--min-gap", type=float, default=0.0, help="band gap (eV) the quality filter requires")
     t.add_argument("--val-fraction", type=float, default=0.0)
     t.add_argument("--members", type=int, default=4)
     t.add_argument("--epochs", type=int, default=600)

@@ -54,6 +54,9 @@ __all__ = [
     "check_hubbard_record",
     "hubbard_record_sample",
     "hubbard_training_dataset",
+    "SCF_QUALITY_KEYS",
+    "hubbard_label_issues",
+    "filter_hubbard_record",
 ]
 
 #: Names of the descriptor attributes the Hubbard models read.
@@ -245,6 +248,70 @@ def hubbard_record_sample(
         edge_attrs=edge_attrs,
         info=dict(info or {}),
     )
+
+
+#: ``Sample.info`` scalars describing the scf that hp.x perturbed, read by :func:`hubbard_label_issues`
+#: (written by ``benchmarks/hubbard_uv.py harvest`` from the pw.x outputs; not by the AiiDA harvester).
+#: Band gaps are per spin channel (eV): the gap between the highest filled and lowest empty band of that
+#: channel over the k mesh, 0 when the channel is partially filled (metallic, fractional electron count).
+SCF_QUALITY_KEYS = ("scf_converged", "band_gap_up_ev", "band_gap_down_ev", "total_magnetization")
+
+
+def hubbard_label_issues(
+    info: dict,
+    *,
+    require_converged: bool = True,
+    min_gap_ev: float | None = 0.0,
+    channels: str = "both",
+) -> list[str]:
+    """Why the hp.x label of one sample should not be trusted (empty list: keep it).
+
+    Uses only scalars of the scf that hp.x perturbed (:data:`SCF_QUALITY_KEYS` in ``info``), never
+    the U/V label itself:
+
+    * ``require_converged``: the scf reached self-consistency;
+    * ``min_gap_ev``: the perturbed ground state is gapped by more than this in each spin channel
+      (``channels="both"``) or in the majority channel only (``channels="majority"``, the channel
+      with the larger electron count, i.e. the sign of the total magnetization; both when it is 0).
+      ``None`` skips the check. A metallic ground state makes hp.x's response contain a
+      Fermi-surface term that the coarse k meshes used for labels do not converge.
+
+    Raises ``ValueError`` when a needed key is missing (an old record without scf diagnostics).
+    """
+    if channels not in ("both", "majority"):
+        raise ValueError(f"channels must be 'both' or 'majority', got {channels!r}")
+    needed = ["scf_converged"] if require_converged else []
+    if min_gap_ev is not None:
+        needed += ["band_gap_up_ev", "band_gap_down_ev", "total_magnetization"]
+    missing = [k for k in needed if k not in info]
+    if missing:
+        raise ValueError(f"{info.get('name', 'sample')}: no scf diagnostics {missing} in info (re-harvest the record)")
+    issues = []
+    if require_converged and not info["scf_converged"]:
+        issues.append("scf not converged")
+    if min_gap_ev is not None:
+        gaps = {"up": float(info["band_gap_up_ev"]), "down": float(info["band_gap_down_ev"])}
+        if channels == "majority":
+            m = float(info["total_magnetization"])
+            gaps = {k: v for k, v in gaps.items() if abs(m) < 1e-6 or (k == "up") == (m > 0)}
+        for spin, gap in gaps.items():
+            if not gap > min_gap_ev:
+                issues.append(f"{spin}-spin channel {'metallic' if gap <= 0 else f'gap {gap:.2f} eV'}"
+                              f" (needs > {min_gap_ev:g} eV)")
+    return issues
+
+
+def filter_hubbard_record(record: Dataset, **criteria) -> tuple[Dataset, dict[str, list[str]]]:
+    """``(kept samples, {sample name: issues} of the removed ones)`` with :func:`hubbard_label_issues`."""
+    kept, removed = [], {}
+    for index, s in enumerate(record.samples):
+        name = s.info.get("name", s.label(index))
+        issues = hubbard_label_issues({**s.info, "name": name}, **criteria)
+        if issues:
+            removed[name] = issues
+        else:
+            kept.append(index)
+    return record.subset(kept), removed
 
 
 def hubbard_training_dataset(
