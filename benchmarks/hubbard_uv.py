@@ -421,7 +421,8 @@ def main(argv=None) -> None:
     t.add_argument("--test-strains", type=float, nargs="+", default=[0.98, 1.02])
     t.add_argument("--ecutwfc", type=float, default=None, help="keep only labels computed at this cutoff (Ry)")
     t.add_argument("--quality-filter", choices=sorted(QUALITY_FILTERS), default="none",
-                   help="drop labels whose perturbed scf is metallic in both / the majority spin channel(s)")
+                   help="drop labels whose perturbed scf is metallic in either spin channel (insulating) "
+                        "or in the majority channel (majority-gap); default: keep all")
     t.add_argument("--min-gap", type=float, default=0.0, help="band gap (eV) the quality filter requires")
     t.add_argument("--val-fraction", type=float, default=0.0)
     t.add_argument("--members", type=int, default=4)
