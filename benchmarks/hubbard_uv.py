@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LABELS = ROOT / "docs" / "benchmarks" / "hubbard_labels.npz"
 RESULTS = ROOT / "docs" / "benchmarks" / "hubbard_uv.json"
 PARITY = ROOT / "docs" / "benchmarks" / "hubbard_uv_parity.png"
-#: Unstrained lattice constants (Angstrom) of the label-generation runs (/tmp/labelgen/gen*.py).
-A0 = {"Ni": 4.17, "Mn": 4.44, "Co": 4.26, "Fe": 4.33}
+#: Unstrained lattice constants (Angstrom) of the label-generation runs (benchmarks/hubbard_labels_generate.py).
+from hubbard_labels_generate import A0  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 # ============================================================================ harvest (AiiDA)
@@ -60,46 +60,11 @@ def _existing_occupations(retrieved):
     return None
 
 
-def spin_channel_gaps(bands, occupations, weights, fermi_energy=None, tol: float = 0.01):
-    """``[(electrons, gap_eV)]`` per spin channel of a pw.x run from its bands ``[nspin, nk, nb]`` (eV),
-    occupations (same shape, 0..1 per state), k weights and, for smeared occupations, the Fermi energy.
-
-    Smearing: a channel is metallic (gap 0) when one of its bands crosses the Fermi energy on the k
-    mesh; otherwise the gap is lowest band above minus highest band below E_F. (The electron count of
-    a gapped channel can be off an integer by ~0.02 under cold smearing, so it is reported but not
-    used.) Fixed occupations: the channel holds an integer number N of electrons (else gap 0) and the
-    gap is min_k e_{N+1} - max_k e_N, negative when filled and empty bands overlap. Pure numpy.
-    """
-    bands, occupations = np.asarray(bands, float), np.asarray(occupations, float)
-    if bands.ndim == 2:
-        bands, occupations = bands[None], occupations[None]
-    w = np.asarray(weights, float) / np.sum(weights)
-    out = []
-    for e, f in zip(bands, occupations):
-        electrons = float(np.sum(w[:, None] * f))
-        if fermi_energy is not None:
-            below, above = np.all(e < fermi_energy, axis=0), np.all(e > fermi_energy, axis=0)
-            if not np.all(below | above) or not below.any() or not above.any():
-                gap = 0.0
-            else:
-                gap = float(np.min(e[:, above]) - np.max(e[:, below]))
-        else:
-            n = int(round(electrons))
-            if abs(electrons - n) > tol:
-                gap = 0.0
-            elif n == 0 or n >= e.shape[1]:
-                gap = float("nan")
-            else:
-                gap = float(np.min(e[:, n]) - np.max(e[:, n - 1]))
-        out.append((electrons, gap))
-    if len(out) == 1:
-        out = out * 2
-    return out
-
-
 def scf_diagnostics(scf) -> dict:
     """Scalars of the pw.x scf that hp.x perturbed (stored in ``Sample.info``; see
     ``aiida_eqml.ml.hubbard.records.hubbard_label_issues``)."""
+    from aiida_eqml.ml.hubbard.records import spin_channel_gaps
+
     parameters = scf.inputs.parameters.get_dict()
     output = scf.outputs.output_parameters.get_dict()
     bands = scf.outputs.output_band

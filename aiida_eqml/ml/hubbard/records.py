@@ -57,6 +57,7 @@ __all__ = [
     "SCF_QUALITY_KEYS",
     "hubbard_label_issues",
     "filter_hubbard_record",
+    "spin_channel_gaps",
 ]
 
 #: Names of the descriptor attributes the Hubbard models read.
@@ -248,6 +249,43 @@ def hubbard_record_sample(
         edge_attrs=edge_attrs,
         info=dict(info or {}),
     )
+
+
+def spin_channel_gaps(bands, occupations, weights, fermi_energy=None, tol: float = 0.01):
+    """``[(electrons, gap_eV)]`` per spin channel of a pw.x run from its bands ``[nspin, nk, nb]`` (eV),
+    occupations (same shape, 0..1 per state), k weights and, for smeared occupations, the Fermi energy.
+
+    Smearing: a channel is metallic (gap 0) when one of its bands crosses the Fermi energy on the k
+    mesh; otherwise the gap is lowest band above minus highest band below E_F. (The electron count of
+    a gapped channel can be off an integer by ~0.02 under cold smearing, so it is reported but not
+    used.) Fixed occupations: the channel holds an integer number N of electrons (else gap 0) and the
+    gap is min_k e_{N+1} - max_k e_N, negative when filled and empty bands overlap. Pure numpy.
+    """
+    bands, occupations = np.asarray(bands, float), np.asarray(occupations, float)
+    if bands.ndim == 2:
+        bands, occupations = bands[None], occupations[None]
+    w = np.asarray(weights, float) / np.sum(weights)
+    out = []
+    for e, f in zip(bands, occupations):
+        electrons = float(np.sum(w[:, None] * f))
+        if fermi_energy is not None:
+            below, above = np.all(e < fermi_energy, axis=0), np.all(e > fermi_energy, axis=0)
+            if not np.all(below | above) or not below.any() or not above.any():
+                gap = 0.0
+            else:
+                gap = float(np.min(e[:, above]) - np.max(e[:, below]))
+        else:
+            n = int(round(electrons))
+            if abs(electrons - n) > tol:
+                gap = 0.0
+            elif n == 0 or n >= e.shape[1]:
+                gap = float("nan")
+            else:
+                gap = float(np.min(e[:, n]) - np.max(e[:, n - 1]))
+        out.append((electrons, gap))
+    if len(out) == 1:
+        out = out * 2
+    return out
 
 
 #: ``Sample.info`` scalars describing the scf that hp.x perturbed, read by :func:`hubbard_label_issues`
