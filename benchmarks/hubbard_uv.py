@@ -62,37 +62,17 @@ def _existing_occupations(retrieved):
 
 def scf_diagnostics(scf) -> dict:
     """Scalars of the pw.x scf that hp.x perturbed (stored in ``Sample.info``; see
-    ``aiida_eqml.ml.hubbard.records.hubbard_label_issues``)."""
-    from aiida_eqml.ml.hubbard.records import spin_channel_gaps
+    ``aiida_eqml.calculations.functions.harvest.scf_diagnostics`` and ``hubbard_label_issues``)."""
+    from aiida_eqml.calculations.functions.harvest import scf_diagnostics as diagnostics
 
-    parameters = scf.inputs.parameters.get_dict()
-    output = scf.outputs.output_parameters.get_dict()
-    bands = scf.outputs.output_band
-    smearing = parameters["SYSTEM"].get("occupations") == "smearing"
-    (n_up, gap_up), (n_down, gap_down) = spin_channel_gaps(
-        bands.get_bands(), bands.get_array("occupations"), bands.get_array("weights"),
-        fermi_energy=output.get("fermi_energy") if smearing else None,
-    )
     try:
         mesh = [int(x) for x in scf.inputs.kpoints.get_kpoints_mesh()[0]]
     except AttributeError:
         mesh = None
-    convergence = output.get("convergence_info", {}).get("scf_conv", {})
     return {
         "scf_pk": scf.pk,
-        "ecutwfc": float(parameters["SYSTEM"]["ecutwfc"]),
         "kpoints_mesh": mesh,
-        "occupations": parameters["SYSTEM"].get("occupations", "fixed"),
-        "degauss_ry": parameters["SYSTEM"].get("degauss"),
-        "scf_converged": bool(convergence.get("convergence_achieved", False)),
-        "scf_steps": int(convergence.get("n_scf_steps", output.get("scf_iterations", -1))),
-        "total_magnetization": float(output.get("total_magnetization", 0.0)),
-        "absolute_magnetization": float(output.get("absolute_magnetization", 0.0)),
-        "electrons_up": n_up,
-        "electrons_down": n_down,
-        "band_gap_up_ev": gap_up,
-        "band_gap_down_ev": gap_down,
-        "band_gap_ev": float(min(gap_up, gap_down)),
+        **diagnostics(scf.inputs.parameters.get_dict(), scf.outputs.output_parameters.get_dict(), scf.outputs.output_band),
     }
 
 

@@ -103,6 +103,17 @@ def test_hubbard_labels_real_run(aiida_profile, qe_codes, pseudo_family, nio_afm
     assert harvest.inputs.nio_afm_iter01_structure.pk == scf_calc.inputs.structure.pk
     assert isinstance(scf_calc, orm.CalcJobNode)
 
+    # The perturbed ground state travels with the label (harvest input links), to judge it by later.
+    assert harvest.inputs.nio_afm_iter01_scf_bands.pk == scf_calc.outputs.output_band.pk
+    assert harvest.inputs.nio_afm_iter01_scf_output_parameters.pk == scf_calc.outputs.output_parameters.pk
+    info = sample.info
+    assert info['scf_converged'] is True and info['ecutwfc'] == 25.0
+    # AFM: no net moment, the two spin channels hold the same electrons and have the same gap
+    assert abs(info['total_magnetization']) < 0.05 and info['absolute_magnetization'] > 1.0
+    assert info['electrons_up'] == pytest.approx(info['electrons_down'], abs=0.02)
+    assert info['band_gap_up_ev'] == pytest.approx(info['band_gap_down_ev'], abs=0.02)
+    assert info['electrons_up'] + info['electrons_down'] == pytest.approx(48.0, abs=0.05)  # Ni 18 e x 2 + O 6 e x 2
+
 
 def retrieved_folder(case: str):
     from aiida import orm
@@ -202,6 +213,16 @@ def test_harvest_u_only_magnetic_from_real_output(aiida_profile, eqml_entry_poin
     np.testing.assert_allclose(traces[1, ::-1], traces[0], atol=0.02)  # AFM: Ni2 mirrors Ni1
     assert sample.info['nspin'] == 2 and sample.info['hubbard_type'] == 'U'
     assert sample.edge_targets == {} and sample.edge_attrs == {}
+    assert 'band_gap_up_ev' not in sample.info  # no scf outputs given: no diagnostics
+
+    # The scf diagnostics need all three scf nodes: a partial set is refused, naming what is missing.
+    from aiida import orm
+
+    with pytest.raises(ValueError, match=r"`nio_u`: give all or none of \['scf_parameters'"):
+        harvest_hubbard_labels(
+            nio_u_structure=structure, nio_u_occupations=extracted['occupations'], nio_u_hubbard=hp_out,
+            nio_u_scf_parameters=orm.Dict({'SYSTEM': {'ecutwfc': 30.0}}),
+        )
 
 
 def test_hubbard_bad_inputs(aiida_profile, qe_codes, pseudo_family, nio_afm_hubbard_structure, eqml_entry_points):

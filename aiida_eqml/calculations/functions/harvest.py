@@ -32,6 +32,7 @@ __all__ = (
     'hubbard_values',
     'hubbard_sample',
     'harvest_hubbard_labels',
+    'scf_diagnostics',
 )
 
 #: 1 eV/Angstrom^3 in GPa (CODATA 2018 via ase.units: ase.units.GPa = 1/160.21766...).
@@ -51,12 +52,15 @@ BORN_TARGET_SPECS = {
 }
 
 
-def group_label_inputs(labels: dict, fields: tuple[str, ...]) -> dict[str, dict]:
+def group_label_inputs(labels: dict, fields: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, dict]:
     """``{'s_0_structure': a, 's_0_parameters': b}`` -> ``{'s_0': {'structure': a, 'parameters': b}}``.
 
-    Every key must carry every field, otherwise a ValueError names what is missing.
+    Every key must carry every field of ``fields`` (``optional`` ones may be absent), otherwise a ValueError names
+    what is missing.
     """
-    pattern = re.compile(rf'^(?P<key>.+)_(?P<field>{"|".join(map(re.escape, fields))})$')
+    # Longest suffix first, so that `_scf_parameters` is not read as a key ending in `_scf` + `_parameters`.
+    suffixes = sorted((*fields, *optional), key=len, reverse=True)
+    pattern = re.compile(rf'^(?P<key>.+?)_(?P<field>{"|".join(map(re.escape, suffixes))})$')
     grouped: dict[str, dict] = {}
     for label, node in labels.items():
         match = pattern.match(label)
@@ -236,16 +240,60 @@ def hubbard_sample(key: str, structure, occupations, hubbard_out, width: int) ->
     )
 
 
+#: Optional inputs of :func:`harvest_hubbard_labels` per hp.x iteration: the scf that hp.x perturbed.
+SCF_FIELDS = ('scf_parameters', 'scf_output_parameters', 'scf_bands')
+
+
+def scf_diagnostics(parameters: dict, output: dict, bands: orm.BandsData) -> dict:
+    """Scalars of the pw.x scf that hp.x perturbed, for ``Sample.info`` (what
+    :func:`aiida_eqml.ml.hubbard.records.hubbard_label_issues` judges a label by): cutoff, occupations,
+    convergence, magnetization, electrons and band gap per spin channel (eV; 0 for a metallic channel)."""
+    from aiida_eqml.ml.hubbard.records import spin_channel_gaps
+
+    system = parameters.get('SYSTEM', {})
+    smearing = system.get('occupations') == 'smearing'
+    (n_up, gap_up), (n_down, gap_down) = spin_channel_gaps(
+        bands.get_bands(), bands.get_array('occupations'), bands.get_array('weights'),
+        fermi_energy=output.get('fermi_energy') if smearing else None,
+    )
+    convergence = output.get('convergence_info', {}).get('scf_conv', {})
+    return {
+        'ecutwfc': float(system['ecutwfc']) if 'ecutwfc' in system else None,
+        'occupations': system.get('occupations', 'fixed'),
+        'degauss_ry': system.get('degauss'),
+        'scf_converged': bool(convergence.get('convergence_achieved', False)),
+        'scf_steps': int(convergence.get('n_scf_steps', output.get('scf_iterations', -1))),
+        'total_magnetization': float(output.get('total_magnetization', 0.0)),
+        'absolute_magnetization': float(output.get('absolute_magnetization', 0.0)),
+        'electrons_up': n_up,
+        'electrons_down': n_down,
+        'band_gap_up_ev': gap_up,
+        'band_gap_down_ev': gap_down,
+        'band_gap_ev': float(min(gap_up, gap_down)),
+    }
+
+
 @calcfunction
 def harvest_hubbard_labels(**labels) -> EqmlDatasetData:
     """Per hp.x iteration ``<key>_structure`` (the scf's HubbardStructureData), ``<key>_occupations``
-    (``eqml.occupations`` of that scf) and ``<key>_hubbard`` (hp.x's output HubbardStructureData) -> dataset."""
-    grouped = group_label_inputs(labels, ('structure', 'occupations', 'hubbard'))
+    (``eqml.occupations`` of that scf) and ``<key>_hubbard`` (hp.x's output HubbardStructureData) -> dataset.
+
+    Optionally also that scf's input ``<key>_scf_parameters``, ``<key>_scf_output_parameters`` and
+    ``<key>_scf_bands`` (all three): then each sample's ``info`` carries :func:`scf_diagnostics`, so that labels
+    of a doubtful ground state (metallic, unconverged) can be filtered later."""
+    grouped = group_label_inputs(labels, ('structure', 'occupations', 'hubbard'), optional=SCF_FIELDS)
     width = max(int(group['occupations'].get_array('onsite').shape[-1]) for group in grouped.values())
-    samples = [
-        hubbard_sample(key, group['structure'], group['occupations'], group['hubbard'], width)
-        for key, group in grouped.items()
-    ]
+    samples = []
+    for key, group in grouped.items():
+        present = [field for field in SCF_FIELDS if field in group]
+        if present and len(present) != len(SCF_FIELDS):
+            raise ValueError(f'structure `{key}`: give all or none of {list(SCF_FIELDS)} (got {present})')
+        sample = hubbard_sample(key, group['structure'], group['occupations'], group['hubbard'], width)
+        if present:
+            sample.info.update(scf_diagnostics(
+                group['scf_parameters'].get_dict(), group['scf_output_parameters'].get_dict(), group['scf_bands']
+            ))
+        samples.append(sample)
     specs = {'hubbard_u': HUBBARD_TARGET_SPECS['hubbard_u']}
     if any(sample.edge_targets for sample in samples):
         specs['hubbard_v'] = HUBBARD_TARGET_SPECS['hubbard_v']

@@ -289,7 +289,8 @@ def spin_channel_gaps(bands, occupations, weights, fermi_energy=None, tol: float
 
 
 #: ``Sample.info`` scalars describing the scf that hp.x perturbed, read by :func:`hubbard_label_issues`
-#: (written by ``benchmarks/hubbard_uv.py harvest`` from the pw.x outputs; not by the AiiDA harvester).
+#: (written from the pw.x outputs by ``harvest_hubbard_labels``, i.e. by every ``eqml.labels.hubbard`` run,
+#: see ``aiida_eqml.calculations.functions.harvest.scf_diagnostics``).
 #: Band gaps are per spin channel (eV): the gap between the highest filled and lowest empty band of that
 #: channel over the k mesh, 0 when the channel is partially filled (metallic, fractional electron count).
 SCF_QUALITY_KEYS = ("scf_converged", "band_gap_up_ev", "band_gap_down_ev", "total_magnetization")

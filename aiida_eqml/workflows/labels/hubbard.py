@@ -193,6 +193,10 @@ class HubbardLabelsWorkChain(LabelsWorkChain):
                 labels[f'{sample_key}_structure'] = scf_calc.inputs.structure
                 labels[f'{sample_key}_occupations'] = results['occupations']
                 labels[f'{sample_key}_hubbard'] = hp_node.outputs.hubbard_structure
+                if 'output_band' in scf_calc.outputs:  # the state hp.x perturbed, to judge the label by
+                    labels[f'{sample_key}_scf_parameters'] = scf_calc.inputs.parameters
+                    labels[f'{sample_key}_scf_output_parameters'] = scf_calc.outputs.output_parameters
+                    labels[f'{sample_key}_scf_bands'] = scf_calc.outputs.output_band
         if not labels:
             raise ValueError('no hp.x iteration finished successfully')
         return harvest_hubbard_labels(**labels, metadata={'call_link_label': 'harvest_hubbard_labels'})
