@@ -459,15 +459,23 @@ def evaluate(model, params, dataset: Dataset, batches: Sequence[Batch], predict:
 
 
 # ====================================================================== checkpoints
+@contextlib.contextmanager
+def _replaced_atomically(path: str | os.PathLike, mode: str = "w", **kwargs):
+    """Open a temporary file next to ``path`` and move it over ``path`` when the block succeeds, so a reader
+    (or a run stopped mid-write) sees the old file or the new one, never a truncated one."""
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    with open(tmp, mode, **kwargs) as handle:
+        yield handle
+    os.replace(tmp, os.fspath(path))
+
+
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     """Atomic msgpack checkpoint (flax serialization; arrays, numbers, strings - no pickle)."""
     from flax import serialization
 
     data = serialization.msgpack_serialize(serialization.to_state_dict(dict(state)))
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    with open(tmp, "wb") as handle:
+    with _replaced_atomically(path, "wb") as handle:
         handle.write(data)
-    os.replace(tmp, os.fspath(path))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -726,15 +734,12 @@ def write_logs(out_dir: str, history: list[dict]) -> None:
     if not history:
         return
     fields = list(dict.fromkeys(k for row in history for k in row))
-    csv_path, json_path = os.path.join(out_dir, "log.csv"), os.path.join(out_dir, "log.json")
-    with open(f"{csv_path}.tmp{os.getpid()}", "w", newline="") as handle:
+    with _replaced_atomically(os.path.join(out_dir, "log.csv"), newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(history)
-    with open(f"{json_path}.tmp{os.getpid()}", "w") as handle:
+    with _replaced_atomically(os.path.join(out_dir, "log.json")) as handle:
         json.dump(history, handle, indent=1)
-    os.replace(f"{csv_path}.tmp{os.getpid()}", csv_path)
-    os.replace(f"{json_path}.tmp{os.getpid()}", json_path)
 
 
 @contextlib.contextmanager

@@ -58,9 +58,8 @@ def group_label_inputs(labels: dict, fields: tuple[str, ...], optional: tuple[st
     Every key must carry every field of ``fields`` (``optional`` ones may be absent), otherwise a ValueError names
     what is missing.
     """
-    # Longest suffix first, so that `_scf_parameters` is not read as a key ending in `_scf` + `_parameters`.
-    suffixes = sorted((*fields, *optional), key=len, reverse=True)
-    pattern = re.compile(rf'^(?P<key>.+?)_(?P<field>{"|".join(map(re.escape, suffixes))})$')
+    # The shortest key whose rest is a whole field name: `k_scf_parameters` is key `k`, field `scf_parameters`.
+    pattern = re.compile(rf'^(?P<key>.+?)_(?P<field>{"|".join(map(re.escape, (*fields, *optional)))})$')
     grouped: dict[str, dict] = {}
     for label, node in labels.items():
         match = pattern.match(label)

@@ -193,12 +193,13 @@ def _model_descriptor_dataset(record, model_node: EqmlModelData, config: dict, m
     """The record with the descriptors this model reads (same manifold / pair slots as in its training)."""
     import e3nn_jax as e3nn
 
-    from aiida_eqml.ml.hubbard.records import PAIR_ATTR, SITE_ATTR, hubbard_training_dataset, record_manifolds
+    from aiida_eqml.ml.hubbard.records import PAIR_ATTR, SITE_ATTR, hubbard_training_dataset
+    from aiida_eqml.ml.hubbard.training import descriptor_slots
 
-    stored = metadata.get('hubbard') or (metadata.get('training_config') or {}).get('hubbard') or {}
-    found_ls, found_pairs = record_manifolds(record)
-    manifold_ls = tuple(stored.get('manifold_ls', found_ls))
-    pair_ls = tuple(tuple(p) for p in stored.get('pair_ls', found_pairs if PAIR_ATTR in (config.get('edge_attrs') or {}) else ()))
+    # The slots train_cli stored; older models without them read the record's own.
+    manifold_ls, pair_ls = descriptor_slots(
+        record, metadata.get('hubbard'), with_pairs=PAIR_ATTR in (config.get('edge_attrs') or {})
+    )
     dataset, attrs = hubbard_training_dataset(record, manifold_ls, pair_ls)
     for group in ('node_attrs', 'edge_attrs'):
         for name, irreps in (config.get(group) or {}).items():

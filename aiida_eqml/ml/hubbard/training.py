@@ -15,7 +15,7 @@ from aiida_eqml.ml.dataset import Dataset
 from aiida_eqml.ml.hubbard.models import hubbard_model_config
 from aiida_eqml.ml.hubbard.records import HUBBARD_TARGET_SPECS, RAW_NODE_ATTRS, hubbard_training_dataset, record_manifolds
 
-__all__ = ("is_hubbard_record", "prepare_hubbard_training")
+__all__ = ("is_hubbard_record", "descriptor_slots", "prepare_hubbard_training")
 
 
 def is_hubbard_record(dataset: Dataset) -> bool:
@@ -25,6 +25,18 @@ def is_hubbard_record(dataset: Dataset) -> bool:
         and any(name in dataset.target_specs for name in HUBBARD_TARGET_SPECS)
         and all(all(key in s.node_attrs for key in RAW_NODE_ATTRS) for s in dataset.samples)
     )
+
+
+def descriptor_slots(
+    record: Dataset, stored: Mapping[str, Any] | None = None, with_pairs: bool = True
+) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+    """``(manifold_ls, pair_ls)`` for the descriptors: those a trained model stored (its metadata ``"hubbard"``),
+    else those present in ``record``. ``with_pairs=False``: no pair slots (a model without pair descriptors)."""
+    stored = dict(stored or {})
+    found_ls, found_pairs = record_manifolds(record)
+    manifold_ls = tuple(int(l) for l in stored.get("manifold_ls", found_ls))
+    pair_ls = tuple(tuple(int(l) for l in p) for p in stored.get("pair_ls", found_pairs)) if with_pairs else ()
+    return manifold_ls, pair_ls
 
 
 def prepare_hubbard_training(
@@ -39,10 +51,7 @@ def prepare_hubbard_training(
     """
     import ase.data
 
-    stored = dict((parent_metadata or {}).get("hubbard") or {})
-    found_ls, found_pairs = record_manifolds(record)
-    manifold_ls = tuple(int(l) for l in stored.get("manifold_ls", found_ls))
-    pair_ls = tuple(tuple(int(l) for l in p) for p in stored.get("pair_ls", found_pairs))
+    manifold_ls, pair_ls = descriptor_slots(record, (parent_metadata or {}).get("hubbard"))
     dataset, attrs = hubbard_training_dataset(record, manifold_ls, pair_ls)
 
     config = copy.deepcopy(dict(config))
