@@ -62,9 +62,9 @@ MODEL_CONFIG = {
 }
 
 
-def model_config_for(route: str, target: str, energy_scale: float | None = None) -> dict:
+def model_config_for(route: str, target: str, energy_scale: float | None = None, overrides: dict | None = None) -> dict:
     head, quantity = TARGETS[target]
-    config = dict(MODEL_CONFIG)
+    config = {**MODEL_CONFIG, **(overrides or {})}
     if route == "direct":
         config["heads"] = {target: dict(head)}
     elif route == "derivative":
@@ -128,26 +128,26 @@ def mean_neighbours(dataset, indices, cutoff: float) -> float:
     return float(np.mean(counts))
 
 
-def run_one(dataset, route, target, train_idx, test_idx, epochs, batch_size, lr, seed, log, avg_num_neighbors):
+def run_one(dataset, route, target, train_idx, test_idx, epochs, batch_size, lr, seed, log, avg_num_neighbors,
+            model_overrides=None):
     from aiida_eqml.ml.training import train
 
     from aiida_eqml.ml.training import compute_normalization
 
     train_set = dataset.subset(train_idx)
     scale = derivative_energy_scale(train_set, target) if route == "derivative" else None
-    model_config = model_config_for(route, target, scale)
+    model_config = model_config_for(route, target, scale, model_overrides)
     if route == "direct":
-        # WORKAROUND (models.py, EquivariantNetwork): a per-species shift on a head with
-        # non-scalar irreps fails in e3nn ("IrrepsArray(1x0e+1x1e+1x2e) + scalar is not
-        # equivariant": the shift table is added as a plain array). So we keep the training-set
-        # scale from compute_normalization and drop the shift; the species-indexed readout learns
-        # the per-species mean (a bias on the species embedding) by itself.
+        # Training-set normalisation: the per-species mean of the 0e part as a shift (the model
+        # applies only 0e shifts, to stay equivariant) and the RMS of the rest as the scale; both
+        # rounded (see round_sig) so that sizes with near-identical statistics share compiled steps.
         import ase.data
 
         species = [ase.data.chemical_symbols[z] for z in dataset.atomic_numbers]
-        norm = compute_normalization(train_set, {**model_config, "species": species})
-        scale = round_sig(norm[target]["scale"])
-        model_config["normalization"] = {target: {"scale": scale}}
+        norm = compute_normalization(train_set, {**model_config, "species": species})[target]
+        scale = round_sig(norm["scale"])
+        shift = [[round_sig(v, 3) for v in row] for row in norm["species_shift"]]
+        model_config["normalization"] = {target: {"scale": scale, "species_shift": shift}}
     # Neighbours per atom, fixed here (training.py would average over the training graphs,
     # which differ in the last digits between sizes); rounded for the same reason as above.
     model_config["avg_num_neighbors"] = round_sig(avg_num_neighbors, 2)
@@ -187,33 +187,72 @@ def run_one(dataset, route, target, train_idx, test_idx, epochs, batch_size, lr,
     }
 
 
-def plot(results, baselines, targets, path):
+def series_label(payload: dict, route: str) -> str:
+    """Legend text of one run: route, optimiser steps x batch size, device."""
+    rows = [r for r in payload["results"] if r["route"] == route]
+    steps = sorted({r["steps"] for r in rows})
+    device = payload.get("device", {})
+    where = "GPU" if device.get("backend") in ("gpu", "cuda") else device.get("backend", "?").upper()
+    return f"{route} head, {'/'.join(map(str, steps))} steps x {payload['protocol']['batch_size']} ({where})"
+
+
+def plot(sections: dict, baselines, targets, path, linear=None):
+    """Learning curves of every run in ``sections`` ({name: payload}), the species-mean reference,
+    the goal and, if given, the linear-in-displacement probe (bto_linear_reference.py)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(targets), figsize=(5.2 * len(targets), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(targets), figsize=(6.0 * len(targets), 4.6), squeeze=False)
+    markers = iter("os^vD<>p")
+    styles = {}
     for ax, target in zip(axes[0], targets):
-        for route, marker in (("direct", "o"), ("derivative", "s")):
-            rows = sorted((r for r in results if r["target"] == target and r["route"] == route), key=lambda r: r["n_train"])
+        sizes = set()
+        for name, payload in sections.items():
+            for route in ("direct", "derivative"):
+                rows = sorted((r for r in payload["results"] if r["target"] == target and r["route"] == route),
+                              key=lambda r: r["n_train"])
+                if not rows:
+                    continue
+                label = series_label(payload, route)
+                if label not in styles:
+                    styles[label] = next(markers)
+                sizes |= {r["n_train"] for r in rows}
+                ax.plot([r["n_train"] for r in rows], [r["test_mae"] for r in rows], marker=styles[label], label=label)
+        for radius, color in (("4.5", "tab:brown"), ("all", "tab:purple")):
+            rows = sorted((r for r in (linear or {}).get("results", [])
+                           if r["target"] == target and str(r["radius"]) == radius), key=lambda r: r["n_train"])
             if rows:
-                ax.plot([r["n_train"] for r in rows], [r["test_mae"] for r in rows], marker=marker, label=f"{route} head")
+                what = "whole supercell" if radius == "all" else f"within {radius} A"
+                ax.plot([r["n_train"] for r in rows], [r["test_mae"] for r in rows], color=color, ls="-.", lw=1,
+                        label=f"linear in displacements {what} (probe)")
         if target in baselines:
             ax.axhline(baselines[target]["mae"], color="grey", ls="--", label="species mean")
         ax.axhline(ISSUE_GOAL[target], color="green", ls=":", label="goal (issue 3)")
         ax.set_xscale("log", base=2)
-        sizes = sorted({r["n_train"] for r in results})
-        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.set_xticks(sorted(sizes), [str(n) for n in sorted(sizes)])
         ax.set_yscale("log")
         ax.set_xlabel("training structures (135 atoms each)")
         ax.set_ylabel(f"test MAE ({UNITS[target]})")
         ax.set_title({"born_charges": "Born charges Z*", "raman_tensors": "Raman tensors"}[target])
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_from_json(json_path: Path, png_path) -> None:
+    """Redraw the PNG from every learning-curve section of the JSON (``--plot-only``)."""
+    data = json.loads(Path(json_path).read_text())
+    sections = {k: v for k, v in data.items() if isinstance(v, dict) and "protocol" in v and "results" in v}
+    if not sections:
+        raise SystemExit(f"{json_path}: no learning-curve section to plot")
+    main = data.get("learning_curves") or next(iter(sections.values()))
+    baselines = {t: {"mae": v["test_mae"]} for t, v in main["reference_species_mean"].items()}
+    targets = [t for t in TARGETS if any(r["target"] == t for v in sections.values() for r in v["results"])]
+    plot(sections, baselines, targets, png_path, data.get("linear_reference"))
 
 
 def markdown_table(results, baselines, sizes, routes, targets, info) -> str:
@@ -268,13 +307,23 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="{}", type=json.loads,
+                   help="JSON overrides of the model config, e.g. '{\"num_layers\": 3, \"sh_lmax\": 3}'")
+    p.add_argument("--section", default="learning_curves",
+                   help="section of --out-json this run writes (other sections are kept)")
     p.add_argument("--out-json", default=str(repo / "docs" / "benchmarks" / "bto_response.json"))
     p.add_argument("--out-png", default=str(repo / "docs" / "benchmarks" / "bto_response_learning_curves.png"))
     p.add_argument("--jit-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "aiida_eqml_bench_jit"),
                    help="persistent jax compilation cache ('' to disable)")
     p.add_argument("--device-info", action="store_true", help="print the jax backend/devices and exit")
+    p.add_argument("--plot-only", action="store_true",
+                   help="redraw --out-png from every learning-curve section of --out-json (no training)")
     args = p.parse_args(argv)
 
+    if args.plot_only:
+        plot_from_json(Path(args.out_json), args.out_png)
+        print(f"wrote {args.out_png}")
+        return 0
     if args.jit_cache:
         import jax
 
@@ -288,6 +337,9 @@ def main(argv=None) -> int:
     routes = [r.strip() for r in args.routes.split(",") if r.strip()]
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     bad = [r for r in routes if r not in ("direct", "derivative")] + [t for t in targets if t not in TARGETS]
+    if not isinstance(args.model, dict) or set(args.model) & {"heads", "species", "normalization"}:
+        p.error("--model must be a JSON object of model sizes (not heads/species/normalization)")
+    model_config = {**MODEL_CONFIG, **args.model}
     if bad or not sizes or min(sizes) < 1:
         p.error(f"bad --routes/--targets/--sizes: {bad or sizes}; routes direct,derivative; targets {list(TARGETS)}")
 
@@ -317,9 +369,10 @@ def main(argv=None) -> int:
                 # Same number of optimiser steps at every size.
                 epochs = max(1, round(args.epochs * math.ceil(n_max / args.batch_size) / math.ceil(n / args.batch_size)))
                 results.append(run_one(dataset, route, target, pool[:n], test_idx, epochs, args.batch_size, args.lr,
-                                       args.seed, log, mean_neighbours(dataset, pool[:n], MODEL_CONFIG["cutoff"])))
+                                       args.seed, log, mean_neighbours(dataset, pool[:n], model_config["cutoff"]),
+                                       args.model))
                 # Written after every training so a run cut short still leaves its finished points.
-                merge_json(Path(args.out_json), "learning_curves_partial", {"device": info, "results": results})
+                merge_json(Path(args.out_json), f"{args.section}_partial", {"device": info, "results": results})
 
     # Table
     log("")
@@ -338,7 +391,7 @@ def main(argv=None) -> int:
             "test_set": names(test_idx),
             "test_set_rule": f"the last {N_TEST} valid files by index (loader exclusions applied first)",
             "train_sets": {str(n): names(pool[:n]) for n in sizes},
-            "model": MODEL_CONFIG,
+            "model": model_config,
             "epochs_at_largest_size": args.epochs,
             "batch_size": args.batch_size,
             "learning_rate": args.lr,
@@ -349,9 +402,11 @@ def main(argv=None) -> int:
                                        "issue_value": ISSUE_REFERENCE[t], "goal": ISSUE_GOAL[t], "unit": UNITS[t]} for t in targets},
         "results": results,
     }
-    merge_json(Path(args.out_json), "learning_curves", payload)
-    plot(results, baselines, targets, args.out_png)
-    table_path = Path(args.out_json).with_name(Path(args.out_json).stem + "_table.md")
+    payload["command"] = " ".join(["python", "benchmarks/bto_response.py", *(argv if argv is not None else sys.argv[1:])])
+    merge_json(Path(args.out_json), args.section, payload)
+    plot({args.section: payload}, {t: {"mae": b["mae"]} for t, b in baselines.items()}, targets, args.out_png)
+    suffix = "" if args.section == "learning_curves" else f"_{args.section}"
+    table_path = Path(args.out_json).with_name(Path(args.out_json).stem + suffix + "_table.md")
     table = markdown_table(results, baselines, sizes, routes, targets, info)
     table_path.write_text(table)
     log("")

@@ -1,0 +1,171 @@
+"""A second, physics-based reference for the BaTiO3 benchmark: tensors linear in displacements.
+
+    python benchmarks/bto_linear_reference.py --data ../shared/data/bto400
+
+Every bto400 structure is the same 3x3x3 supercell of cubic BaTiO3 with thermal displacements u
+from the ideal sites. Each atom's Z* or Raman tensor is fitted as an affine function of the
+displacements of the atoms around it (ridge regression), one fit per *site type* (Ba, Ti, and O
+by the axis of its Ti-O-Ti chain, so that the fitted couplings are those of one crystal site):
+
+    T_I = T_site + sum_{J within R of I} K_site(J - I) . u_J
+
+``--radius all`` uses every atom of the supercell (405 displacement components per site): then
+the receptive field is the whole periodic cell. The ridge strength is picked by leave-one-out
+cross-validation over *training* structures; the test set is the one of bto_response.py (the last
+8 valid files). This model is not transferable (it needs a fixed reference lattice and
+orientation, so it is neither a general nor an equivariant model); it tells what the labels hold:
+how much of each tensor is linear in the local displacements, and whether a larger receptive
+field changes that. Numbers go to the ``linear_reference`` section of bto_response.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bto_response import N_TEST, UNITS, merge_json, split_last  # noqa: E402
+
+GRID = 6  # ideal sites of the 5-atom perovskite in a 3x3x3 supercell sit on a 1/6 fractional grid
+LAMBDAS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # ridge strength per sample, on u in Angstrom
+
+
+def ideal_sites(sample, max_displacement: float = 0.5):
+    """(ideal fractional positions, Cartesian displacements) on the perovskite grid."""
+    cell = np.asarray(sample.cell, dtype=float)
+    frac = np.linalg.solve(cell.T, np.asarray(sample.positions, dtype=float).T).T
+    ideal = np.round(frac * GRID) / GRID
+    u = (frac - ideal) @ cell
+    if np.abs(u).max() > max_displacement:
+        raise ValueError(f"{sample.info.get('name')}: an atom is {np.abs(u).max():.2f} A from its perovskite site; "
+                         "this reference needs the bto400 supercell")
+    return ideal % 1.0, u
+
+
+def neighbour_orders(ideal, cell, radius: float | None):
+    """For each atom, the atoms within ``radius`` (None: all) ordered by relative ideal position,
+    and a site-type key (the sorted relative positions: equal keys = equivalent sites)."""
+    orders, keys = [], []
+    for i in range(len(ideal)):
+        rel = (ideal - ideal[i]) % 1.0
+        cart = (rel - np.round(rel)) @ cell  # minimum image, used only for the distance
+        rel_key = np.round(rel * GRID).astype(int) % GRID
+        sel = np.arange(len(ideal)) if radius is None else np.where(np.linalg.norm(cart, axis=1) < radius)[0]
+        order = sel[np.lexsort(rel_key[sel].T[::-1])]
+        orders.append(order)
+        keys.append(rel_key[order].tobytes())
+    return orders, keys
+
+
+def _design(x):
+    return np.hstack([x, np.ones((len(x), 1))])
+
+
+def fit_ridge(gram, moment, n_samples, lam):
+    """Ridge weights from the normal equations (``gram = A^T A``, ``moment = A^T Y``)."""
+    reg = lam * n_samples * np.eye(len(gram))
+    reg[-1, -1] = 0.0  # the intercept (the site's mean tensor) is not shrunk
+    return np.linalg.solve(gram + reg, moment)
+
+
+def run(dataset, target, train_idx, test_idx, radius):
+    first = dataset[train_idx[0]]
+    ideal0, _ = ideal_sites(first)
+    orders, keys = neighbour_orders(ideal0, np.asarray(first.cell, float), radius)
+    groups: dict[tuple, list[int]] = {}
+    for i, z in enumerate(first.numbers):
+        groups.setdefault((int(z), keys[i]), []).append(i)
+    disp = {k: ideal_sites(dataset[k])[1] for k in list(train_idx) + list(test_idx)}
+
+    def xy(structure, atoms):
+        x = np.array([disp[structure][orders[i]].ravel() for i in atoms])
+        y = np.array([dataset[structure].node_targets[target][i].ravel() for i in atoms])
+        return _design(x), y
+
+    errors, numbers, lambdas = [], [], []
+    for (z, _), atoms in groups.items():
+        # Normal equations per training structure, so leave-one-structure-out CV (which picks the
+        # ridge strength on the training structures only) is a subtraction.
+        parts = {s: xy(s, atoms) for s in train_idx}
+        grams = {s: a.T @ a for s, (a, _) in parts.items()}
+        moments = {s: a.T @ y for s, (a, y) in parts.items()}
+        gram, moment = sum(grams.values()), sum(moments.values())
+        n_samples = len(train_idx) * len(atoms)
+        cv = []
+        for lam in LAMBDAS:
+            err = [np.abs(parts[h][0] @ fit_ridge(gram - grams[h], moment - moments[h], n_samples - len(atoms), lam)
+                          - parts[h][1]).mean() for h in train_idx] if len(train_idx) > 1 else [0.0]
+            cv.append(np.mean(err))
+        lam = LAMBDAS[int(np.argmin(cv))]
+        w = fit_ridge(gram, moment, n_samples, lam)
+        for s in test_idx:
+            at, yt = xy(s, atoms)
+            errors.append(np.abs(at @ w - yt))
+            numbers.append(np.full(len(at), z))
+        lambdas.append(lam)
+    err = np.concatenate(errors)
+    num = np.concatenate(numbers)
+    import ase.data
+
+    return {
+        "test_mae": float(err.mean()),
+        "test_mae_per_species": {ase.data.chemical_symbols[z]: float(err[num == z].mean()) for z in np.unique(num)},
+        "site_types": len(groups),
+        "features_per_site": int(3 * max(len(orders[a[0]]) for a in groups.values())),
+        "ridge_lambdas": lambdas,
+    }
+
+
+def main(argv=None) -> int:
+    repo = Path(__file__).resolve().parents[1]
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=str(repo.parent / "shared" / "data" / "bto400"))
+    p.add_argument("--sizes", default="4,8,16,32")
+    p.add_argument("--radii", default="3.0,4.5,all", help="neighbour radii in Angstrom, 'all' for the whole supercell")
+    p.add_argument("--targets", default="born_charges,raman_tensors")
+    p.add_argument("--out-json", default=str(repo / "docs" / "benchmarks" / "bto_response.json"))
+    args = p.parse_args(argv)
+
+    from aiida_eqml.ml.datasets.bto import load_bto400
+
+    targets = [t for t in args.targets.split(",") if t]
+    sizes = [int(n) for n in args.sizes.split(",") if n]
+    radii = [None if r == "all" else float(r) for r in args.radii.split(",") if r]
+    dataset, report = load_bto400(args.data, targets=tuple(targets))
+    print(report, flush=True)
+    pool, test_idx = split_last(dataset, N_TEST)
+    results = []
+    print(f"{'target':14s} {'radius':>7s} " + " ".join(f"n={n:<7d}" for n in sizes))
+    for target in targets:
+        for radius in radii:
+            row = []
+            for n in sizes:
+                t0 = time.perf_counter()
+                r = run(dataset, target, pool[:n], test_idx, radius)
+                r.update(target=target, radius=radius if radius is not None else "all", n_train=n,
+                         wall_s=time.perf_counter() - t0)
+                results.append(r)
+                row.append(r["test_mae"])
+            print(f"{target:14s} {str(radius or 'all'):>7s} " + " ".join(f"{v:<9.4f}" for v in row), flush=True)
+    payload = {
+        "what": "per-site-type ridge regression of each tensor on the displacements within a radius "
+                "(not a transferable model; a probe of the labels)",
+        "command": " ".join(["python", "benchmarks/bto_linear_reference.py", *(argv if argv is not None else sys.argv[1:])]),
+        "data": os.path.abspath(args.data),
+        "test_set": [dataset[i].info["name"] for i in test_idx],
+        "units": {t: UNITS[t] for t in targets},
+        "results": results,
+    }
+    merge_json(Path(args.out_json), "linear_reference", payload)
+    print(f"wrote section 'linear_reference' of {args.out_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
