@@ -122,6 +122,28 @@ def run(dataset, target, train_idx, test_idx, radius):
     }
 
 
+def dielectric_consistency(data_dir) -> dict:
+    """Do the Raman tensors agree with the dielectric tensors of the same records?
+
+    chi_I,abc = d chi_ab / d u_Ic with chi = (eps_inf - 1) / (4 pi), and chi_I vanishes on the
+    centrosymmetric ideal sites, so to lowest order eps_ab(u) - eps_ab(0) = 4 pi * 1/2 sum_I
+    chi_I,abc(u) u_Ic. Returns, per component ab, the correlation over the records with a valid
+    dielectric tensor between eps_ab and 1/2 sum_I chi_I,abc u_Ic (the unknown eps(0) and the
+    volume factor drop out of a correlation).
+    """
+    from aiida_eqml.ml.datasets.bto import load_bto400
+
+    dataset, report = load_bto400(data_dir, targets=("raman_tensors", "dielectric"))
+    x, y = [], []
+    for sample in dataset:
+        _, u = ideal_sites(sample)
+        x.append(0.5 * np.einsum("iabc,ic->ab", sample.node_targets["raman_tensors"], u))
+        y.append(sample.graph_targets["dielectric"])
+    x, y = np.array(x), np.array(y)
+    corr = {f"{'xyz'[a]}{'xyz'[b]}": float(np.corrcoef(x[:, a, b], y[:, a, b])[0, 1]) for a in range(3) for b in range(a, 3)}
+    return {"records": len(dataset), "excluded": report.excluded, "correlation_per_component": corr}
+
+
 def main(argv=None) -> int:
     repo = Path(__file__).resolve().parents[1]
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -130,7 +152,14 @@ def main(argv=None) -> int:
     p.add_argument("--radii", default="3.0,4.5,all", help="neighbour radii in Angstrom, 'all' for the whole supercell")
     p.add_argument("--targets", default="born_charges,raman_tensors")
     p.add_argument("--out-json", default=str(repo / "docs" / "benchmarks" / "bto_response.json"))
+    p.add_argument("--dielectric-check", action="store_true",
+                   help="only compare the Raman tensors with the dielectric tensors (section raman_dielectric_consistency)")
     args = p.parse_args(argv)
+    if args.dielectric_check:
+        check = dielectric_consistency(args.data)
+        print(json.dumps(check["correlation_per_component"], indent=1))
+        merge_json(Path(args.out_json), "raman_dielectric_consistency", check)
+        return 0
 
     from aiida_eqml.ml.datasets.bto import load_bto400
 

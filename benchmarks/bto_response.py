@@ -216,10 +216,10 @@ def plot(sections: dict, baselines, targets, path, linear=None):
                 if not rows:
                     continue
                 label = series_label(payload, route)
-                if label not in styles:
-                    styles[label] = next(markers)
+                if label not in styles:  # one marker and colour per run in both panels
+                    styles[label] = {"marker": next(markers), "color": f"C{len(styles)}"}
                 sizes |= {r["n_train"] for r in rows}
-                ax.plot([r["n_train"] for r in rows], [r["test_mae"] for r in rows], marker=styles[label], label=label)
+                ax.plot([r["n_train"] for r in rows], [r["test_mae"] for r in rows], label=label, **styles[label])
         for radius, color in (("4.5", "tab:brown"), ("all", "tab:purple")):
             rows = sorted((r for r in (linear or {}).get("results", [])
                            if r["target"] == target and str(r["radius"]) == radius), key=lambda r: r["n_train"])
