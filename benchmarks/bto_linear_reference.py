@@ -50,7 +50,17 @@ def ideal_sites(sample, max_displacement: float = 0.5):
 
 def neighbour_orders(ideal, cell, radius: float | None):
     """For each atom, the atoms within ``radius`` (None: all) ordered by relative ideal position,
-    and a site-type key (the sorted relative positions: equal keys = equivalent sites)."""
+    and a site-type key (the sorted relative positions: equal keys = equivalent sites).
+
+    Not a neighbour list (vesin gives edges, not this): the fit needs the same *lattice site* in
+    the same feature slot for every atom of a site type, so the atoms are matched by their
+    relative position on the ideal grid. The minimum image decides the distance, so ``radius``
+    must stay below half the shortest cell height.
+    """
+    heights = abs(np.linalg.det(cell)) / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
+    if radius is not None and radius >= heights.min() / 2:
+        raise ValueError(f"--radii {radius} A: must be below half the cell height ({heights.min() / 2:.2f} A); "
+                         "use 'all' for the whole supercell")
     orders, keys = [], []
     for i in range(len(ideal)):
         rel = (ideal - ideal[i]) % 1.0

@@ -464,9 +464,13 @@ def _replaced_atomically(path: str | os.PathLike, mode: str = "w", **kwargs):
     """Open a temporary file next to ``path`` and move it over ``path`` when the block succeeds, so a reader
     (or a run stopped mid-write) sees the old file or the new one, never a truncated one."""
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    with open(tmp, mode, **kwargs) as handle:
-        yield handle
-    os.replace(tmp, os.fspath(path))
+    try:
+        with open(tmp, mode, **kwargs) as handle:
+            yield handle
+        os.replace(tmp, os.fspath(path))
+    finally:
+        if os.path.exists(tmp):  # the block failed: leave no stray temporary file behind
+            os.remove(tmp)
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
