@@ -25,7 +25,7 @@ import sys
 
 import pytest
 
-pytest_plugins = ['aiida.tools.pytest_fixtures']
+pytest_plugins = ['aiida.tools.pytest_fixtures', 'reliability_plugin']  # reliability_plugin: rows of docs/reliability.md
 
 _THIS_CONFTEST = sys.modules[__name__]
 

@@ -23,6 +23,8 @@ import e3nn_jax as e3nn
 import jax.numpy as jnp
 import numpy as np
 
+from .structure_checks import MIN_INTERATOMIC_DISTANCE, StructureError, check_min_distance, validate_structure
+
 __all__ = [
     "Graph",
     "graph_from_atoms",
@@ -96,16 +98,15 @@ def species_indices(symbols: Sequence[str], species: Sequence[str]) -> np.ndarra
 
 
 def _neighbour_box(cell: np.ndarray, pbc: np.ndarray, positions: np.ndarray, cutoff: float):
-    """A box vesin accepts: non-periodic directions may have a degenerate (zero) cell vector.
+    """A box vesin accepts: non-periodic directions get a vector orthogonal to the periodic ones.
 
-    Shifts along non-periodic directions are always 0, so any box vector works there; we put a
-    vector orthogonal to the periodic ones, longer than the structure plus cutoff.
+    Shifts along non-periodic directions are always 0, so any box vector works there; a
+    user-given one may be zero or nearly parallel to a periodic vector (a near-degenerate box),
+    so we always put a vector orthogonal to the periodic ones, longer than the structure plus
+    cutoff. The cell itself was validated by :func:`validate_structure` (no degenerate
+    periodic vectors, bounded extent).
     """
     if np.all(pbc) or not np.any(pbc):
-        if np.all(pbc) and abs(np.linalg.det(cell)) < 1e-12:
-            raise ValueError("periodic structure has a degenerate cell (zero volume)")
-        return cell
-    if abs(np.linalg.det(cell)) > 1e-12:
         return cell
     box = np.array(cell, dtype=float)
     extent = float(np.ptp(positions, axis=0).max()) if len(positions) else 0.0
@@ -153,12 +154,24 @@ def match_edges(senders, receivers, shifts, keys) -> np.ndarray:
     return np.array([lookup.get(tuple(k), -1) for k in keys.tolist()], dtype=np.int64)
 
 
+def _checked_cutoff(cutoff) -> float:
+    try:
+        value = float(cutoff)
+    except (TypeError, ValueError):
+        raise StructureError(f"cutoff must be a number (Angstrom), got {cutoff!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise StructureError(f"cutoff must be a finite positive number (Angstrom), got {cutoff!r}")
+    return value
+
+
 def graph_from_atoms(
     atoms,
     cutoff: float,
     species: Sequence[str],
     node_attrs: Mapping[str, e3nn.IrrepsArray] | None = None,
     edge_attrs: Mapping[str, tuple] | None = None,
+    *,
+    min_distance: float = MIN_INTERATOMIC_DISTANCE,
 ) -> Graph:
     """One unpadded graph (numpy arrays, ``G = 1``) from an ``ase.Atoms``.
 
@@ -170,6 +183,12 @@ def graph_from_atoms(
         edge_attrs: ``{name: (keys [M, 5] int (i, j, S1, S2, S3), IrrepsArray [M, irreps])}``
             extra per-edge inputs; edges not listed get zeros, keys that are not edges of the
             graph (beyond the cutoff) raise ValueError.
+        min_distance: atoms (or periodic images) closer than this (Angstrom) raise
+            :class:`~aiida_eqml.ml.structure_checks.StructureError`.
+
+    The structure is validated (:func:`~aiida_eqml.ml.structure_checks.validate_structure`)
+    before the neighbour list is built: bad input raises ``StructureError``, it never reaches
+    vesin (which crashes the process on some of it).
     """
     symbols = atoms.get_chemical_symbols()
     species_idx = species_indices(symbols, species)
@@ -177,14 +196,17 @@ def graph_from_atoms(
     cell = np.asarray(atoms.cell[:], dtype=np.float64)
     pbc = np.asarray(atoms.pbc, dtype=bool)
     n = len(atoms)
+    cutoff = _checked_cutoff(cutoff)
+    validate_structure(positions, cell, pbc, min_distance=min_distance)
 
     import vesin  # local import: only needed when building graphs
 
     box = _neighbour_box(cell, pbc, positions, cutoff)
-    calculator = vesin.NeighborList(cutoff=float(cutoff), full_list=True, sorted=True)
-    senders, receivers, shifts = calculator.compute(
-        points=positions, box=box, periodic=pbc, quantities="ijS", copy=True
+    calculator = vesin.NeighborList(cutoff=cutoff, full_list=True, sorted=True)
+    senders, receivers, shifts, lengths = calculator.compute(
+        points=positions, box=box, periodic=pbc, quantities="ijSd", copy=True
     )
+    check_min_distance(lengths, senders, receivers, min_distance)
     n_edges = len(senders)
 
     nodes = {}
