@@ -14,35 +14,27 @@ different files with identical content.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 
-import numpy as np
 from aiida import orm
 from aiida.common.exceptions import NotExistent
 
 from aiida_eqml.ml.dataset import DATASET_FORMAT, DATASET_SCHEMA_VERSION, Dataset
+from aiida_eqml.ml.dataset_file import DatasetError, dataset_sha256
 
-__all__ = ('EqmlDatasetData', 'dataset_content_sha256')
+__all__ = ('EqmlDatasetData', 'DatasetError', 'dataset_content_sha256')
 
 FILENAME = 'dataset.npz'
 
 
 def dataset_content_sha256(path: str | os.PathLike) -> str:
-    """sha256 over every array of an ``.npz`` (sorted by name): name, dtype, shape and raw bytes."""
-    digest = hashlib.sha256()
-    with np.load(os.fspath(path), allow_pickle=False) as data:
-        for name in sorted(data.files):
-            array = np.ascontiguousarray(data[name])
-            digest.update(name.encode())
-            digest.update(array.dtype.str.encode())
-            digest.update(repr(array.shape).encode())
-            if array.dtype.kind == 'U':  # the JSON metadata string: hash its UTF-8 text, not numpy's UCS-4
-                digest.update(str(array).encode())
-            else:
-                digest.update(array.tobytes())
-    return digest.hexdigest()
+    """sha256 over the arrays of a dataset ``.npz`` (sorted by name): name, dtype, shape and raw bytes.
+
+    Only the members a dataset has are read and hashed (:func:`aiida_eqml.ml.dataset_file.dataset_sha256`): a stray
+    member neither costs memory nor changes the hash; a malformed file raises ``DatasetError``.
+    """
+    return dataset_sha256(path)
 
 
 def _chemical_symbols(numbers: list[int]) -> list[str]:
@@ -70,7 +62,8 @@ class EqmlDatasetData(orm.Data):
                 dataset.save(path)
                 self._set_file(path, dataset)
         else:
-            # Loading validates the file (format, schema version, shapes) before it enters the repository.
+            # Loading validates the file (format, schema version, every member against the metadata, the samples)
+            # before it enters the repository: a file that fails raises DatasetError and no node is made.
             self._set_file(filepath, Dataset.load(filepath))
 
     def _set_file(self, path, dataset: Dataset) -> None:

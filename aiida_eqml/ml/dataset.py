@@ -311,20 +311,20 @@ class Dataset:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, validate: bool = True) -> "Dataset":
-        try:
-            with np.load(os.fspath(path), allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError, EOFError) as exc:
-            raise ValueError(f"{os.fspath(path)}: not a readable aiida-eqml dataset file ({exc})") from exc
-        if "metadata" not in arrays:
-            raise ValueError(f"{os.fspath(path)}: no 'metadata' entry; not an aiida-eqml dataset file")
-        metadata = json.loads(str(arrays["metadata"]))
-        if metadata.get("format") != DATASET_FORMAT:
-            raise ValueError(f"{os.fspath(path)}: format {metadata.get('format')!r}, expected {DATASET_FORMAT!r}")
-        version = metadata.get("schema_version")
-        if version != DATASET_SCHEMA_VERSION:
-            raise ValueError(f"{os.fspath(path)}: dataset schema version {version}, this code reads version {DATASET_SCHEMA_VERSION}")
+        """Read a file written by :meth:`save`; any fault is a :class:`~aiida_eqml.ml.dataset_file.DatasetError`
+        naming file, field and value (the arrays are checked against the metadata before they are allocated)."""
+        from aiida_eqml.ml.dataset_file import DatasetError, read_dataset_arrays
 
+        metadata, arrays = read_dataset_arrays(path)
+        try:
+            return cls._from_arrays(metadata, arrays, validate)
+        except DatasetError:
+            raise
+        except ValueError as exc:  # Dataset.validate: names sample, field and value
+            raise DatasetError(f"{os.fspath(path)}: {exc}") from exc
+
+    @classmethod
+    def _from_arrays(cls, metadata: dict, arrays: dict, validate: bool) -> "Dataset":
         n_atoms = arrays["n_atoms"]
         atom_offsets = np.concatenate([[0], np.cumsum(n_atoms)])
         n_samples = len(n_atoms)
