@@ -52,6 +52,7 @@ def _write_json(path: str, data) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from aiida_eqml.ml.dataset import Dataset
+    from aiida_eqml.ml.hubbard.protocol import record_protocol
     from aiida_eqml.ml.hubbard.training import is_hubbard_record, prepare_hubbard_training
     from aiida_eqml.ml.modelfile import file_sha256, load_model, save_model
     from aiida_eqml.ml.training import DivergenceError, NaNLossError, train
@@ -82,8 +83,9 @@ def run(args: argparse.Namespace) -> int:
             parent_info = {"path": os.path.abspath(args.parent_model), "sha256": file_sha256(args.parent_model)}
         if args.resume and not os.path.exists(args.resume):
             raise FileNotFoundError(f"--resume: {args.resume} does not exist")
-        hubbard_slots = None
+        hubbard_slots = protocol = None
         if is_hubbard_record(dataset):  # occupation matrices -> descriptors, U/V heads (aiida_eqml.ml.hubbard.training)
+            protocol = record_protocol(dataset)  # the DFT settings of the labels: the ML loop checks them
             dataset, config, hubbard_slots = prepare_hubbard_training(
                 dataset, config, parent_meta if args.parent_model else None
             )
@@ -111,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
     }
     if hubbard_slots is not None:
         metadata["hubbard"] = hubbard_slots  # what prediction needs to read another scf's occupations
+    if protocol is not None:
+        metadata["protocol"] = protocol
     model_path = os.path.join(args.out, MODEL_FILENAME)
     model_sha = save_model(model_path, result.model_config, result.params, metadata)
     return finish(
