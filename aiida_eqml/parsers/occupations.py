@@ -323,7 +323,9 @@ def intersite_blocks(
             if j == i and cell == 0:
                 continue  # the on-site block: taken from the XML
             if i not in l_of or j not in l_of:
-                raise OccupationParsingError(f"couple ({i + 1}, {entry.supercell_atom}) involves an atom without a Hubbard manifold")
+                # pw.x lists the neighbours of every atom (e.g. Li in LiCoO2); V and n^IJ exist only between
+                # Hubbard manifolds. The entry still counts for ``viz``, the neighbour's slot in nsg.
+                continue
             li, lj = l_of[i], l_of[j]
             block = nsg[: 2 * lj + 1, : 2 * li + 1, viz, i, :].real
             blocks.append(
@@ -341,7 +343,7 @@ def onsite_from_nsg(nsg: np.ndarray, neighbours: list[NeighbourEntry], manifolds
     viz_of: dict[int, int] = {}
     for entry in neighbours:
         viz_of.setdefault(entry.atom - 1, 0)
-        if entry.supercell_atom == entry.atom:
+        if entry.supercell_atom == entry.atom and entry.atom - 1 in l_of:  # atoms without a manifold have no block
             width = 2 * l_of[entry.atom - 1] + 1
             out[entry.atom - 1] = np.transpose(nsg[:width, :width, viz_of[entry.atom - 1], entry.atom - 1, :].real, (2, 1, 0))
         viz_of[entry.atom - 1] += 1

@@ -1,0 +1,176 @@
+"""Crystal prototypes of the Hubbard reference set: transition-metal oxides of six structure types.
+
+Each :class:`HubbardMaterial` knows its cell (experimental lattice parameters, rounded), its kinds (one per spin
+sublattice), its magnetic order, and its Hubbard manifolds: U on the transition-metal 3d shell, and for ``U+V``
+materials also U on O 2p and V on the nearest TM 3d - O 2p pairs (the couples that hp.x then returns). Strained
+cells scale the lattice isotropically (``strain`` = a/a0). The Hubbard atoms come first, as aiida-hubbard
+requires.
+
+The geometry is built with ASE; :func:`hubbard_structure` turns it into an (unstored) ``HubbardStructureData``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+__all__ = ('HubbardMaterial', 'MATERIALS', 'hubbard_structure', 'material_key')
+
+#: Starting U / V (eV) of the first scf of a self-consistent cycle (hp.x computes the response from scratch;
+#: the starting values only choose the ground state it perturbs).
+U_START_3D = {'Ti': 3.0, 'Mn': 5.0, 'Fe': 5.0, 'Co': 5.0, 'Ni': 5.0}
+U_START_O_2P = 6.0
+V_START = 1.0
+#: Starting magnetization (QE's fraction of the valence charge) of a spin-up / spin-down TM kind.
+MAGNETIZATION = 0.8
+
+
+@dataclasses.dataclass(frozen=True)
+class HubbardMaterial:
+    """One material: composition + structure type + magnetic order."""
+
+    name: str  # e.g. 'NiO-rocksalt-afm2'
+    structure_type: str
+    metal: str
+    order: str  # 'nm', 'fm', 'afm'
+    hubbard: str  # 'U' or 'U+V'
+    sites: Callable[[], tuple[np.ndarray, list[tuple[str, str, tuple[float, float, float]]]]]
+    note: str = ''
+
+    def magnetization(self) -> dict[str, float] | None:
+        """``{kind: starting magnetization}`` or None for a non-magnetic material."""
+        if self.order == 'nm':
+            return None
+        _, sites = self.sites()
+        moments = {}
+        for symbol, kind, _ in sites:
+            if symbol == self.metal:
+                moments[kind] = -MAGNETIZATION if kind.endswith('2') and self.order == 'afm' else MAGNETIZATION
+            else:
+                moments[kind] = 0.0
+        return moments
+
+
+def _fractional(cell, sites):
+    cell = np.asarray(cell, dtype=float)
+    return cell, [(symbol, kind, tuple(float(x) for x in np.dot(frac, cell))) for symbol, kind, frac in sites]
+
+
+def _rocksalt_afm2(metal: str, a: float):
+    """AFM-II rock salt: rhombohedral 4-atom cell, TM spins alternating on (111) planes."""
+    cell = a * np.array([[0.5, 0.5, 1.0], [0.5, 1.0, 0.5], [1.0, 0.5, 0.5]])
+    return lambda: _fractional(cell, [
+        (metal, f'{metal}1', (0.0, 0.0, 0.0)), (metal, f'{metal}2', (0.5, 0.5, 0.5)),
+        ('O', 'O', (0.25, 0.25, 0.25)), ('O', 'O', (0.75, 0.75, 0.75)),
+    ])
+
+
+def _rocksalt_fm(metal: str, a: float):
+    cell = 0.5 * a * np.array([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    return lambda: _fractional(cell, [(metal, metal, (0.0, 0.0, 0.0)), ('O', 'O', (0.5, 0.5, 0.5))])
+
+
+def _layered_r3m(metal: str, a: float, c: float, z: float, lithiated: bool, parent_c: float | None = None):
+    """alpha-NaFeO2-type LiMO2 (R-3m, 4-atom rhombohedral cell; ``z`` of O 6c with Li on 3a); delithiated MO2 keeps
+    the O3 stacking and the MO6 octahedron (the O height above the M plane is that of the parent of c ``parent_c``)."""
+    hexagonal = np.array([[a, 0.0, 0.0], [-a / 2, a * np.sqrt(3) / 2, 0.0], [0.0, 0.0, c]])
+    to_primitive = np.array([[2 / 3, 1 / 3, 1 / 3], [-1 / 3, 1 / 3, 1 / 3], [-1 / 3, -2 / 3, 1 / 3]])
+    cell = to_primitive @ hexagonal
+    z = 0.5 - z  # z is tabulated with Li at the origin (3a), here M is
+    if parent_c is not None:
+        z = 1 / 3 - (1 / 3 - z) * parent_c / c
+    cartesian = [(metal, metal, np.zeros(3)), ('O', 'O', np.array([0, 0, z * c])), ('O', 'O', np.array([0, 0, -z * c]))]
+    if lithiated:
+        cartesian.append(('Li', 'Li', np.array([0, 0, c / 2])))
+
+    def sites():
+        inverse = np.linalg.inv(cell)
+        return cell, [(s, k, tuple(float(x) for x in (np.dot(np.mod(np.dot(r, inverse), 1.0), cell)))) for s, k, r in cartesian]
+
+    return sites
+
+
+def _rutile(metal: str, a: float, c: float, x: float, afm: bool):
+    cell = np.diag([a, a, c])
+    second = f'{metal}2' if afm else f'{metal}1'
+    return lambda: _fractional(cell, [
+        (metal, f'{metal}1', (0.0, 0.0, 0.0)), (metal, second, (0.5, 0.5, 0.5)),
+        ('O', 'O', (x, x, 0.0)), ('O', 'O', (1 - x, 1 - x, 0.0)),
+        ('O', 'O', (0.5 + x, 0.5 - x, 0.5)), ('O', 'O', (0.5 - x, 0.5 + x, 0.5)),
+    ])
+
+
+def _perovskite(metal: str, a_site: str, a: float):
+    cell = np.eye(3) * a
+    return lambda: _fractional(cell, [
+        (metal, metal, (0.5, 0.5, 0.5)),
+        ('O', 'O', (0.5, 0.5, 0.0)), ('O', 'O', (0.5, 0.0, 0.5)), ('O', 'O', (0.0, 0.5, 0.5)),
+        (a_site, a_site, (0.0, 0.0, 0.0)),
+    ])
+
+
+def _materials() -> dict[str, HubbardMaterial]:
+    items = [
+        # Rock salt, AFM-II (the magnetic ground state of MnO, FeO, CoO, NiO), U only.
+        *[HubbardMaterial(f'{m}O-rocksalt-afm2', 'rocksalt', m, 'afm', 'U', _rocksalt_afm2(m, a))
+          for m, a in (('Mn', 4.445), ('Fe', 4.334), ('Co', 4.263), ('Ni', 4.17))],
+        # Rock salt FM where it is insulating at this protocol (docs/hubbard.md: NiO, MnO), U only.
+        *[HubbardMaterial(f'{m}O-rocksalt-fm', 'rocksalt', m, 'fm', 'U', _rocksalt_fm(m, a))
+          for m, a in (('Mn', 4.445), ('Ni', 4.17))],
+        # Layered R-3m and the delithiated O3 frames, U+V.
+        HubbardMaterial('LiCoO2-layered', 'layered-R-3m', 'Co', 'nm', 'U+V', _layered_r3m('Co', 2.816, 14.05, 0.2396, True),
+                        'low-spin Co3+'),
+        HubbardMaterial('LiNiO2-layered', 'layered-R-3m', 'Ni', 'fm', 'U+V', _layered_r3m('Ni', 2.878, 14.19, 0.2412, True),
+                        'low-spin Ni3+, ferromagnetic layers'),
+        HubbardMaterial('CoO2-layered', 'layered-R-3m', 'Co', 'fm', 'U+V',
+                        _layered_r3m('Co', 2.82, 13.50, 0.2396, False, parent_c=14.05), 'delithiated O3 frame'),
+        HubbardMaterial('NiO2-layered', 'layered-R-3m', 'Ni', 'nm', 'U+V',
+                        _layered_r3m('Ni', 2.81, 13.30, 0.2412, False, parent_c=14.19), 'delithiated O3 frame, low-spin Ni4+'),
+        # Rutile, U+V.
+        HubbardMaterial('MnO2-rutile-afm', 'rutile', 'Mn', 'afm', 'U+V', _rutile('Mn', 4.396, 2.871, 0.3046, True),
+                        'beta-MnO2, collinear AFM approximant of its helix'),
+        HubbardMaterial('TiO2-rutile', 'rutile', 'Ti', 'nm', 'U+V', _rutile('Ti', 4.594, 2.959, 0.3048, False)),
+        # Cubic perovskite, U+V.
+        HubbardMaterial('SrTiO3-perovskite', 'perovskite', 'Ti', 'nm', 'U+V', _perovskite('Ti', 'Sr', 3.905)),
+    ]
+    return {material.name: material for material in items}
+
+
+MATERIALS: dict[str, HubbardMaterial] = _materials()
+
+
+def material_key(name: str, strain: float) -> str:
+    """Link-label-safe key of one cell, e.g. ``NiO_rocksalt_afm2_s100``."""
+    return f"{name.replace('-', '_')}_s{round(strain * 100):03d}"
+
+
+def hubbard_structure(material: HubbardMaterial | str, strain: float = 1.0):
+    """Unstored ``HubbardStructureData`` of the material with its lattice scaled by ``strain`` (a/a0)."""
+    from aiida_quantumespresso.data.hubbard_structure import HubbardStructureData
+
+    material = MATERIALS[material] if isinstance(material, str) else material
+    cell, sites = material.sites()
+    structure = HubbardStructureData(
+        cell=(np.asarray(cell) * strain).tolist(),
+        sites=[(symbol, kind, tuple(float(x) * strain for x in position)) for symbol, kind, position in sites],
+    )
+    metal_kinds = sorted({kind for symbol, kind, _ in sites if symbol == material.metal})
+    u_start = U_START_3D[material.metal]
+    if material.hubbard == 'U':
+        for kind in metal_kinds:  # DFT+U: QE's card holds one U per kind
+            structure.initialize_onsites_hubbard(kind, '3d', u_start, 'Ueff', use_kinds=True)
+        return structure
+    # DFT+U+V: every parameter is per atom in QE's card, so U goes on every TM and O site (``use_kinds`` would put
+    # it on the first site of a kind only). V is seeded on one TM-O and one O-TM couple per kind: aiida-hubbard's
+    # radial analysis keeps, of what hp.x returns, the on-site U of the kinds that appear in a couple and the first
+    # neighbour shell of those couples, so without the O -> TM seed the U on O 2p would be dropped after hp.x.
+    for index, (symbol, _, _) in enumerate(sites):
+        if symbol == material.metal:
+            structure.append_hubbard_parameter(index, '3d', index, '3d', u_start, (0, 0, 0), 'U')
+        elif symbol == 'O':
+            structure.append_hubbard_parameter(index, '2p', index, '2p', U_START_O_2P, (0, 0, 0), 'U')
+    for kind in metal_kinds:
+        structure.initialize_intersites_hubbard(kind, '3d', 'O', '2p', V_START, 'V', use_kinds=True)
+        structure.initialize_intersites_hubbard('O', '2p', kind, '3d', V_START, 'V', use_kinds=True)
+    return structure

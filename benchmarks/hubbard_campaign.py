@@ -1,0 +1,258 @@
+"""The reference Hubbard label campaign: real hp.x U (and U+V) labels across six structure types, resumable.
+
+Every cell of the plan (material x strain, ``aiida_eqml.local.hubbard_materials``) runs as one
+``eqml.labels.hubbard`` work chain (aiida-hubbard's self-consistent scf -> hp.x cycle, each iteration one label)
+at the reference protocol (``aiida_eqml.ml.hubbard.protocol.REFERENCE_PROTOCOL``), submitted to the daemon, at
+most ``--jobs`` at a time (serial pw.x/hp.x: one core each). A finished cell is exported at once to
+``benchmarks/data/hubbard_campaign/<key>.npz`` (its labels, each sample's info naming material, structure type,
+iteration and protocol) and ``<key>.json`` (pks, exit status, wall times per step). Commit those files as they
+arrive: re-running skips every cell that has them, so the campaign continues on another day on a fresh machine.
+Cells whose loop failed get a ``.json`` with the failure and no ``.npz``; ``--retry-failed`` runs them again.
+
+    python benchmarks/hubbard_campaign.py plan                       # the cells, in order, and their state
+    python benchmarks/hubbard_campaign.py run --jobs 2 [--only K,..] # submit / wait / export until done
+    python benchmarks/hubbard_campaign.py export                     # export finished cells without submitting
+    python benchmarks/hubbard_campaign.py merge OUT.npz              # one record of every exported label
+
+Needs a profile made by ``aiida-eqml local setup`` and a running daemon (``verdi daemon start``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+DATA = HERE / 'data' / 'hubbard_campaign'
+EXTRA = 'eqml_hubbard_campaign'  # extras key on each submitted work chain: its cell key
+#: Bumped when the cells' definition changes (here: 2, U on every O site and O -> TM seeds for U+V), so that work
+#: chains of an older definition in the profile are not taken for this one.
+VERSION = 2
+#: Strains of each material, in the order the campaign runs them: first every material at a0 (breadth first),
+#: then the strained cells.
+STRAINS = (1.00, 0.97, 1.03)
+MAX_ITERATIONS = 3
+#: Materials in campaign order: cheap and diverse first (U and U+V, magnetic and not), so that a short day of
+#: running already covers several structure types.
+ORDER = (
+    'NiO-rocksalt-afm2', 'LiCoO2-layered', 'MnO-rocksalt-afm2', 'SrTiO3-perovskite', 'NiO2-layered',
+    'CoO-rocksalt-afm2', 'TiO2-rutile', 'FeO-rocksalt-afm2', 'MnO2-rutile-afm', 'LiNiO2-layered', 'CoO2-layered',
+    'NiO-rocksalt-fm', 'MnO-rocksalt-fm',
+)
+
+
+def plan() -> list[tuple[str, str, float]]:
+    """``[(key, material name, strain)]`` in campaign order."""
+    from aiida_eqml.local.hubbard_materials import MATERIALS, material_key
+
+    assert sorted(ORDER) == sorted(MATERIALS), 'ORDER must list every material once'
+    return [(material_key(name, strain), name, strain) for strain in STRAINS for name in ORDER]
+
+
+def state(key: str) -> str:
+    if (DATA / f'{key}.npz').exists():
+        return 'done'
+    if (DATA / f'{key}.json').exists():
+        return 'failed'
+    return 'todo'
+
+
+def build(name: str, strain: float, key: str, codes: dict):
+    from aiida_eqml.local.hubbard_materials import MATERIALS, hubbard_structure
+    from aiida_eqml.ml.hubbard.protocol import REFERENCE_PROTOCOL as P
+    from aiida_eqml.workflows.labels.hubbard import HubbardLabelsWorkChain
+
+    material = MATERIALS[name]
+    structure = hubbard_structure(material, strain)
+    magnetization = material.magnetization()
+    overrides = {
+        'max_concurrent': 1,
+        'hubbard_loop': {
+            'max_iterations': MAX_ITERATIONS,
+            'meta_convergence': True,
+            'tolerance_onsite': P['tolerance_onsite_ev'],
+            'tolerance_intersite': P['tolerance_intersite_ev'],
+            'scf': {
+                'kpoints_distance': P['kpoints_distance'],
+                'kpoints_force_parity': False,
+                'pw': {'parameters': {
+                    'CONTROL': {'tstress': False, 'tprnfor': False},  # labels need neither
+                    'SYSTEM': {'ecutwfc': P['ecutwfc_ry'], 'ecutrho': P['ecutrho_ry'],
+                               'smearing': P['smearing'], 'degauss': P['degauss_ry']},
+                    'ELECTRONS': {'conv_thr': P['conv_thr_per_atom_ry'] * len(structure.sites)},
+                }},
+            },
+            # q = Gamma: a distance larger than any reciprocal vector gives the 1x1x1 mesh.
+            'hubbard': {'qpoints_distance': 100.0, 'parallelize_atoms': False, 'parallelize_qpoints': False},
+        },
+    }
+    builder = HubbardLabelsWorkChain.get_builder_from_protocol(
+        codes['pw'], codes['hp'], {key: structure}, protocol='fast', overrides=overrides,
+        starting_magnetization={key: magnetization} if magnetization else None,
+    )
+    builder.metadata.label = f'hubbard campaign {key}'
+    return builder
+
+
+def find_node(key: str):
+    from aiida import orm
+
+    query = orm.QueryBuilder().append(
+        orm.WorkflowNode, filters={f'extras.{EXTRA}': key, f'extras.{EXTRA}_version': VERSION}, tag='w')
+    nodes = sorted((row[0] for row in query.iterall()), key=lambda node: node.pk)
+    return nodes[-1] if nodes else None
+
+
+def _iteration_link(calc) -> str:
+    """The loop's call-link label above a calculation, e.g. ``iteration_01_scf_smearing``."""
+    from aiida.common.links import LinkType
+
+    node = calc
+    while node is not None:
+        link = node.base.links.get_incoming(link_type=(LinkType.CALL_CALC, LinkType.CALL_WORK)).first()
+        if link is None:
+            return ''
+        if re.match(r'iteration_\d+_', link.link_label):  # the loop's step, not PwBaseWorkChain's restart count
+            return link.link_label
+        node = link.node
+    return ''
+
+
+def step_times(node) -> list[dict]:
+    """Wall time of every CalcJob below ``node`` (creation to last modification), in order."""
+    from aiida import orm
+
+    calcs = sorted((n for n in node.called_descendants if isinstance(n, orm.CalcJobNode)), key=lambda n: n.pk)
+    return [
+        {'process': calc.process_label, 'step': _iteration_link(calc), 'pk': calc.pk, 'exit_status': calc.exit_status,
+         'wall_s': round((calc.mtime - calc.ctime).total_seconds(), 1)}
+        for calc in calcs
+    ]
+
+
+def export(key: str, name: str, strain: float, node) -> str:
+    """Write ``<key>.npz`` (labels) and ``<key>.json`` (metadata) of a terminated cell; returns its state."""
+    from aiida_eqml.local.hubbard_materials import MATERIALS
+    from aiida_eqml.ml.dataset import Dataset
+    from aiida_eqml.ml.hubbard.protocol import REFERENCE_PROTOCOL, protocol_fingerprint
+
+    material = MATERIALS[name]
+    meta = {
+        'key': key, 'material': name, 'structure_type': material.structure_type, 'order': material.order,
+        'hubbard': material.hubbard, 'strain': strain, 'workchain_pk': node.pk, 'workchain_uuid': node.uuid,
+        'exit_status': node.exit_status, 'exit_message': node.exit_message,
+        'wall_s': (node.mtime - node.ctime).total_seconds(), 'steps': step_times(node),
+        'protocol': REFERENCE_PROTOCOL, 'protocol_fingerprint': protocol_fingerprint(REFERENCE_PROTOCOL),
+    }
+    DATA.mkdir(parents=True, exist_ok=True)
+    if node.is_finished_ok and 'dataset' in node.outputs:
+        record = node.outputs.dataset.get_dataset()
+        for sample in record.samples:
+            found = re.search(r'_iter(\d+)$', str(sample.info.get('name', '')))
+            iteration = int(found.group(1)) if found else None
+            sample.info.update({
+                'material': name, 'structure_type': material.structure_type, 'strain': strain,
+                'protocol': REFERENCE_PROTOCOL, 'protocol_fingerprint': meta['protocol_fingerprint'],
+                'campaign_key': key, 'iteration': iteration, 'dataset_uuid': node.outputs.dataset.uuid,
+            })
+        meta['n_samples'] = len(record)
+        record.save(DATA / f'{key}.npz')
+        status = 'done'
+    else:
+        status = 'failed'
+    (DATA / f'{key}.json').write_text(json.dumps(meta, indent=1, default=str) + '\n')
+    return status
+
+
+def run(args) -> None:
+    from aiida.engine import submit
+
+    from aiida_eqml.local import load_stack_config
+
+    codes = load_stack_config().load_codes()
+    cells = [cell for cell in plan() if not args.only or cell[0] in args.only.split(',')]
+    in_flight = {}
+    for key, name, strain in cells:
+        node = find_node(key)
+        if state(key) == 'todo' and node is not None and not node.is_terminated:
+            in_flight[key] = (name, strain, node)  # submitted by an earlier run of this script: wait for it
+    queue = [c for c in cells if c[0] not in in_flight and (state(c[0]) == 'todo' or
+                                                          (args.retry_failed and state(c[0]) == 'failed'))]
+    print(f'{len(queue)} cells to run, {len(in_flight)} in flight', flush=True)
+    while queue or in_flight:
+        while queue and len(in_flight) < args.jobs:
+            key, name, strain = queue.pop(0)
+            node = find_node(key)
+            if node is None or (node.is_terminated and not (node.is_finished_ok and 'dataset' in node.outputs)):
+                node = submit(build(name, strain, key, codes))
+                node.base.extras.set_many({EXTRA: key, f'{EXTRA}_version': VERSION})
+                print(f'{time.strftime("%H:%M:%S")} submitted {key}: pk {node.pk}', flush=True)
+            in_flight[key] = (name, strain, node)
+        for key in list(in_flight):
+            name, strain, node = in_flight[key]
+            if node.is_terminated:
+                status = export(key, name, strain, node)
+                wall = (node.mtime - node.ctime).total_seconds()
+                print(f'{time.strftime("%H:%M:%S")} {key}: {status} (exit {node.exit_status}) in {wall:.0f} s', flush=True)
+                del in_flight[key]
+        time.sleep(args.poll)
+
+
+def show_plan(_args) -> None:
+    for key, name, strain in plan():
+        extra = ''
+        if (DATA / f'{key}.json').exists():
+            meta = json.loads((DATA / f'{key}.json').read_text())
+            extra = f"{meta.get('n_samples', 0)} labels, {meta['wall_s']:.0f} s, exit {meta['exit_status']}"
+        print(f'{key:34s} {state(key):7s} {extra}')
+
+
+def export_finished(args) -> None:
+    for key, name, strain in plan():
+        node = find_node(key)
+        if node is not None and node.is_terminated and (state(key) == 'todo' or args.refresh):
+            print(key, export(key, name, strain, node))
+
+
+def merge(args) -> None:
+    from aiida_eqml.ml.dataset import Dataset
+
+    records = [Dataset.load(path) for path in sorted(DATA.glob('*.npz'))]
+    if not records:
+        raise SystemExit(f'no exported labels in {DATA}')
+    specs = {}
+    for record in records:
+        specs.update(record.target_specs)
+    merged = Dataset([s for r in records for s in r.samples], specs)
+    merged.save(args.out)
+    print(f'{len(merged)} labels of {len(records)} cells -> {args.out}')
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--profile', default=None)
+    sub = parser.add_subparsers(dest='command', required=True)
+    sub.add_parser('plan').set_defaults(func=show_plan)
+    p = sub.add_parser('export')
+    p.add_argument('--refresh', action='store_true', help='export again the cells of this profile already exported')
+    p.set_defaults(func=export_finished)
+    p = sub.add_parser('run')
+    p.add_argument('--jobs', type=int, default=2, help='cells in flight at once (one core each)')
+    p.add_argument('--only', default='', help='comma-separated cell keys')
+    p.add_argument('--retry-failed', action='store_true')
+    p.add_argument('--poll', type=float, default=20.0, help='seconds between checks')
+    p.set_defaults(func=run)
+    p = sub.add_parser('merge')
+    p.add_argument('out')
+    p.set_defaults(func=merge)
+    args = parser.parse_args(argv)
+    from aiida import load_profile
+
+    load_profile(args.profile)
+    args.func(args)
+
+
+if __name__ == '__main__':
+    main()
