@@ -23,7 +23,6 @@ from aiida_eqml.ml.dataset import Dataset, build_graphs
 from aiida_eqml.ml.modelfile import file_sha256, load_model, save_model
 from aiida_eqml.ml.training import TrainResult, train
 
-from .models import predict_hubbard
 
 __all__ = ["ENSEMBLE_FORMAT", "Ensemble", "train_ensemble"]
 
@@ -52,28 +51,47 @@ class Ensemble:
     def config(self) -> dict:
         return self.members[0][0].config
 
-    def member_predictions(self, dataset: Dataset, predict: Callable = predict_hubbard) -> list[list[dict]]:
-        """``predict(model, params, dataset, graphs=...)`` of every member (graphs built once)."""
-        graphs = build_graphs(dataset, self.config)
-        return [predict(model, params, dataset, graphs=graphs) for model, params in self.members]
+    @property
+    def predictor(self):
+        """The :class:`aiida_eqml.ml.predict.Predictor` of the members (built once: one compiled apply)."""
+        if getattr(self, "_predictor", None) is None:
+            from aiida_eqml.ml.predict import Predictor
+
+            self._predictor = Predictor([(m, p, meta) for (m, p), meta in zip(self.members, self.metadata)])
+        return self._predictor
+
+    def member_predictions(self, dataset: Dataset, predict: Callable | None = None) -> list[list[dict]]:
+        """Per member, per sample ``{"hubbard_u": [n], "hubbard_v": (keys, [M])}``; with ``predict``:
+        ``predict(model, params, dataset, graphs=...)`` of every member instead (graphs built once)."""
+        if predict is not None:
+            graphs = build_graphs(dataset, self.config)
+            return [predict(model, params, dataset, graphs=graphs) for model, params in self.members]
+        per_sample = self.predictor.predict_hubbard(dataset, members=True)
+        out = []
+        for m in range(len(self)):
+            member = []
+            for entry in per_sample:
+                item: dict[str, Any] = {}
+                if "hubbard_u" in entry:
+                    item["hubbard_u"] = entry["hubbard_u"][m]
+                if "hubbard_v" in entry:
+                    item["hubbard_v"] = (entry["hubbard_v_keys"], entry["hubbard_v"][m])
+                member.append(item)
+            out.append(member)
+        return out
 
     def predict(self, dataset: Dataset) -> list[dict[str, Any]]:
         """Per sample ``{"hubbard_u": (mean [n], std [n]), "hubbard_v": (keys, mean [M], std [M])}``.
 
         ``std`` is the population standard deviation over the members (0 for one member).
         """
-        per_member = self.member_predictions(dataset)
         out = []
-        for index in range(len(dataset)):
-            entries = [member[index] for member in per_member]
+        for entry in self.predictor.predict_hubbard(dataset):
             result: dict[str, Any] = {}
-            if "hubbard_u" in entries[0]:
-                stack = np.stack([e["hubbard_u"] for e in entries])
-                result["hubbard_u"] = (stack.mean(axis=0), stack.std(axis=0))
-            if "hubbard_v" in entries[0]:
-                keys = entries[0]["hubbard_v"][0]
-                stack = np.stack([e["hubbard_v"][1] for e in entries])
-                result["hubbard_v"] = (keys, stack.mean(axis=0), stack.std(axis=0))
+            if "hubbard_u" in entry:
+                result["hubbard_u"] = (entry["hubbard_u"], entry["hubbard_u_std"])
+            if "hubbard_v" in entry:
+                result["hubbard_v"] = (entry["hubbard_v_keys"], entry["hubbard_v"], entry["hubbard_v_std"])
             out.append(result)
         return out
 

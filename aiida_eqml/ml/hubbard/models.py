@@ -20,13 +20,15 @@ same model works for any crystal.
 from __future__ import annotations
 
 import copy
+import json
+from types import SimpleNamespace
 from typing import Any, Mapping, Sequence
 
-import jax
+import e3nn_jax as e3nn
 import numpy as np
 
-from aiida_eqml.ml.dataset import Dataset, build_graphs
-from aiida_eqml.ml.graph import PaddingBuckets, match_edges
+from aiida_eqml.ml.dataset import Dataset
+from aiida_eqml.ml.graph import match_edges
 
 from .records import PAIR_ATTR, SITE_ATTR
 
@@ -34,6 +36,7 @@ __all__ = [
     "SMALL_HUBBARD_CONFIG",
     "hubbard_model_config",
     "pair_edge_indices",
+    "hubbard_predictions",
     "predict_hubbard",
 ]
 
@@ -97,48 +100,88 @@ def pair_edge_indices(graph, keys, cutoff: float | None = None) -> np.ndarray:
     return where
 
 
-def _jitted_apply(model):
-    """One jitted ``apply`` per model object, so repeated predictions do not recompile."""
-    apply = getattr(model, "_jitted_apply", None)
-    if apply is None:
-        apply = jax.jit(model.apply)
-        model._jitted_apply = apply
-    return apply
+def _descriptor_dataset(record: Dataset, group) -> Dataset:
+    """The descriptors one member group reads: a descriptor dataset as it is, a raw record through the slots the
+    model stored at training (``metadata["hubbard"]``; older models: the record's own)."""
+    from aiida_eqml.ml.predict import PredictionError
+
+    from .records import hubbard_training_dataset
+    from .training import descriptor_slots
+
+    if all(SITE_ATTR in s.node_attrs for s in record.samples):
+        return record
+    manifold_ls, pair_ls = descriptor_slots(record, group.metadata.get("hubbard"), with_pairs=PAIR_ATTR in group.edge_attrs)
+    try:
+        dataset, attrs = hubbard_training_dataset(record, manifold_ls, pair_ls)
+    except ValueError as exc:
+        raise PredictionError(f"the occupations cannot be read as this model's descriptors: {exc}", f"node_attrs.{SITE_ATTR}") from exc
+    for level, declared in (("node_attrs", group.node_attrs), ("edge_attrs", group.edge_attrs)):
+        for name, irreps in declared.items():
+            if name in (SITE_ATTR, PAIR_ATTR) and e3nn.Irreps(attrs[level].get(name, "")) != e3nn.Irreps(irreps):
+                raise PredictionError(
+                    f"the model reads {name} with irreps {irreps}, the occupations of this scf give "
+                    f"{attrs[level].get(name)} (Hubbard manifolds l={manifold_ls}, pairs {pair_ls}): not the kind of "
+                    "system it was trained on", f"{level}.{name}")
+    return dataset
+
+
+def hubbard_predictions(predictor, record: Dataset, members: bool = False, graphs: Sequence | None = None) -> list[dict]:
+    """Per sample ``{"hubbard_u": [n] eV (NaN on atoms without a manifold), "hubbard_v": [M] eV, "hubbard_v_keys":
+    [M, 5]}`` with ``_std`` (population, 0 for one member), or ``[members, ...]`` arrays with ``members=True``.
+
+    ``record``: a Hubbard record (raw occupations) or its descriptor dataset. V is reported on the couples of the
+    sample's ``hubbard_v`` target when it has one, else on those of its ``hubbard_v_scf`` input (those the scf used).
+    """
+    from aiida_eqml.ml.predict import ensemble_statistics
+
+    by_slots: dict[str, list] = {}
+    for group in predictor._groups:
+        by_slots.setdefault(json.dumps(group.metadata.get("hubbard"), sort_keys=True), []).append(group)
+    raw, dataset = None, record
+    for k, groups in enumerate(by_slots.values()):
+        dataset = _descriptor_dataset(record, groups[0])
+        items = [(s.to_ase(), s.node_attrs, s.edge_attrs, f"{s.label(i)}: ") for i, s in enumerate(dataset.samples)]
+        given = {groups[0].graph_key: graphs} if graphs is not None and k == 0 else None
+        raw = predictor._member_outputs(items, given, groups=groups, into=raw)
+    results = []
+    for s, out in zip(dataset.samples, predictor._stack(raw or [], members=True)):
+        entry: dict[str, Any] = {}
+        if "hubbard_u" in out:
+            u = out["hubbard_u"][..., 0].copy()
+            if "hubbard_l" in s.node_attrs:
+                u[:, np.asarray(s.node_attrs["hubbard_l"]) < 0] = np.nan
+            entry["hubbard_u"] = u
+        if "hubbard_v" in out:
+            source = s.edge_targets.get("hubbard_v") or s.edge_attrs.get("hubbard_v_scf")
+            keys = source.keys if source is not None else np.zeros((0, 5), np.int64)
+            edges = out["hubbard_v_keys"]
+            graph = SimpleNamespace(senders=edges[:, 0], receivers=edges[:, 1], shifts=edges[:, 2:])
+            entry["hubbard_v"] = out["hubbard_v"][:, pair_edge_indices(graph, keys, predictor.config["cutoff"]), 0]
+            entry["hubbard_v_keys"] = keys
+        results.append(entry if members else ensemble_statistics(
+            [{k: (v if k.endswith("_keys") else v[m]) for k, v in entry.items()} for m in range(len(predictor))],
+            always_std=True))
+    return results
 
 
 def predict_hubbard(
     model, params, dataset: Dataset, batch_size: int = 8, graphs: Sequence | None = None
 ) -> list[dict[str, Any]]:
-    """Per sample ``{"hubbard_u": [n] eV (NaN on atoms without a manifold), "hubbard_v": (keys, [M] eV)}``.
+    """Per sample ``{"hubbard_u": [n] eV (NaN on atoms without a manifold), "hubbard_v": (keys, [M] eV)}`` of one
+    model: a thin wrapper of :meth:`aiida_eqml.ml.predict.Predictor.predict_hubbard` (same jitted path).
 
     V is reported on the couples of the sample's ``hubbard_v`` target when it has one, else on
     those of its ``hubbard_v_scf`` input (the couples the scf used).
     """
-    config = model.config
-    if graphs is None:
-        graphs = build_graphs(dataset, config)
-    buckets = PaddingBuckets.fixed(graphs, batch_size)
-    apply = _jitted_apply(model)
+    from aiida_eqml.ml.predict import Predictor
+
+    predictor = Predictor.from_model(model, params, batch_size=batch_size)
     results = []
-    for start in range(0, len(graphs), batch_size):
-        chunk = list(range(start, min(start + batch_size, len(graphs))))
-        batch = buckets([graphs[i] for i in chunk], dtype=np.dtype(config["dtype"]))
-        out = {k: np.asarray(v.array, np.float64) for k, v in apply(params, batch).items()}
-        node_off = edge_off = 0
-        for i in chunk:
-            g, s = graphs[i], dataset.samples[i]
-            n, e = len(g.positions), len(g.senders)
-            entry: dict[str, Any] = {}
-            if "hubbard_u" in out:
-                u = out["hubbard_u"][node_off : node_off + n, 0].copy()
-                if "hubbard_l" in s.node_attrs:
-                    u[np.asarray(s.node_attrs["hubbard_l"]) < 0] = np.nan
-                entry["hubbard_u"] = u
-            if "hubbard_v" in out:
-                source = s.edge_targets.get("hubbard_v") or s.edge_attrs.get("hubbard_v_scf")
-                keys = source.keys if source is not None else np.zeros((0, 5), np.int64)
-                where = pair_edge_indices(g, keys, config["cutoff"])
-                entry["hubbard_v"] = (keys, out["hubbard_v"][edge_off : edge_off + e, 0][where])
-            results.append(entry)
-            node_off, edge_off = node_off + n, edge_off + e
+    for out in hubbard_predictions(predictor, dataset, members=True, graphs=graphs):
+        entry: dict[str, Any] = {}
+        if "hubbard_u" in out:
+            entry["hubbard_u"] = out["hubbard_u"][0]
+        if "hubbard_v" in out:
+            entry["hubbard_v"] = (out["hubbard_v_keys"], out["hubbard_v"][0])
+        results.append(entry)
     return results
