@@ -1,7 +1,8 @@
 """``eqml.model``: one trained model file (:mod:`aiida_eqml.ml.modelfile`) in a node's repository.
 
-The file is validated (magic header, format version, weight checksum) before it enters the repository, so a
-stored ``eqml.model`` node always holds a loadable model. Queryable attributes describe it without opening it::
+The file is validated before it enters the repository (magic header, format version, the sha256 over config, weights
+and metadata, the config against the model schema, the weights against the layers it builds: what
+:func:`aiida_eqml.ml.modelfile.load_model` checks), so a stored ``eqml.model`` node always holds a loadable model. Queryable attributes describe it without opening it::
 
     QueryBuilder().append(EqmlModelData, filters={'attributes.species': {'contains': ['Ni']},
                                                   'attributes.targets': {'contains': ['hubbard_u']}})
@@ -41,8 +42,11 @@ def json_safe(value):
 
 
 def _summary_attributes(path: str) -> dict:
-    """Attributes describing the model file at ``path`` (raises :class:`ModelFileError` if it is not one)."""
-    config, _, metadata = read_model_file(path)
+    """Attributes describing the model file at ``path`` (raises :class:`ModelFileError` unless it loads as a model)."""
+    from aiida_eqml.ml.modelfile_checks import build_checked_model
+
+    config, params, metadata = read_model_file(path)
+    build_checked_model(path, config, params)  # what load_model does, without moving the weights to jax arrays
     heads = metadata.get('heads') or {
         name: {'level': spec.get('level')} for name, spec in (config.get('heads') or {}).items()
     }

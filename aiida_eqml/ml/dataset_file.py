@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["DatasetError", "GROUPS", "MAX_DATASET_BYTES", "read_dataset_arrays", "arrays_sha256", "dataset_sha256"]
+__all__ = ["DatasetError", "GROUPS", "MAX_DATASET_BYTES", "read_dataset_arrays", "arrays_sha256", "dataset_sha256", "dataset_digest"]
 
 GROUPS = ("node_targets", "graph_targets", "edge_targets", "node_attrs", "edge_attrs")
 SEP = "::"  # the member-name separator of Dataset.save
@@ -219,3 +219,27 @@ def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
 def dataset_sha256(path: str | os.PathLike) -> str:
     """Content hash of a dataset file (its expected members only; see :func:`arrays_sha256`)."""
     return arrays_sha256(read_dataset_arrays(path)[1])
+
+
+def dataset_digest(dataset) -> str:
+    """sha256 of an in-memory :class:`~aiida_eqml.ml.dataset.Dataset`: specs, structures, labels and inputs, in order.
+
+    What a training checkpoint records, so that resuming it on other data is refused.
+    """
+    digest = hashlib.sha256(json.dumps(dataset.target_specs, sort_keys=True).encode())
+
+    def add(label: str, array) -> None:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{label}:{array.dtype.str}:{array.shape}".encode())
+        digest.update(array.tobytes())
+
+    for index, s in enumerate(dataset.samples):
+        for label, array in (("numbers", s.numbers), ("positions", s.positions), ("cell", s.cell), ("pbc", s.pbc)):
+            add(f"{index}.{label}", array)
+        for group in GROUPS:
+            for name, value in sorted(getattr(s, group).items()):
+                if group.startswith("edge"):
+                    add(f"{index}.{group}.{name}.keys", value.keys)
+                    value = value.values
+                add(f"{index}.{group}.{name}", value)
+    return digest.hexdigest()

@@ -5,16 +5,22 @@ Layout (binary)::
     b"AIIDA-EQML-MODEL\\n"                       magic line
     msgpack map (flax.serialization):
         format          "aiida-eqml-model"
-        format_version  1
+        format_version  2
         package_version aiida_eqml.__version__ at save time
         config          JSON string: the ModelConfig (architecture, species, cutoff, heads,
                         normalisation) -> build_model(config) rebuilds the module
         metadata        JSON string: target specs, head irreps, metrics, provenance...
         params          msgpack bytes of the flax params tree (numpy arrays, exact dtypes)
-        params_sha256   hex digest of those bytes (detects corruption / truncation)
+        sha256          hex digest over format version, package version, config, metadata and
+                        params (:func:`payload_sha256`), verified on every load
 
-The params travel as an inner msgpack blob so that their checksum is computed over exactly the
-bytes that are restored; a flipped bit anywhere in the weights is caught before use.
+The params travel as an inner msgpack blob so that the checksum is computed over exactly the
+bytes that are restored; a flipped bit anywhere in config, weights or metadata is caught before
+use. Version 1 files (``params_sha256`` over the weights only) still load: their
+``metadata.content_sha256`` (config + weights) is verified too, so only their metadata is
+unprotected. Every malformed payload is a :class:`ModelFileError`; nothing is allocated beyond
+what the file's bytes hold, and the config is checked against the model schema
+(:mod:`aiida_eqml.ml.config_schema`) and the weights against the layers it implies.
 """
 
 from __future__ import annotations
@@ -35,11 +41,15 @@ __all__ = [
     "read_model_file",
     "file_sha256",
     "content_sha256",
+    "payload_sha256",
 ]
 
 MODEL_FORMAT = "aiida-eqml-model"
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 _MAGIC = b"AIIDA-EQML-MODEL\n"
+#: bytes; a larger file is refused before it is read (``AIIDA_EQML_MAX_MODEL_BYTES`` overrides)
+MAX_MODEL_BYTES = int(os.environ.get("AIIDA_EQML_MAX_MODEL_BYTES", 8 * 2**30))
 
 
 class ModelFileError(ValueError):
@@ -73,9 +83,22 @@ def _params_bytes(params) -> bytes:
 
 def content_sha256(config: Mapping[str, Any], params) -> str:
     """Hash of what determines predictions (config + weights), independent of metadata."""
+    return _content_sha256_of_blob(config, _params_bytes(params))
+
+
+def _content_sha256_of_blob(config: Mapping[str, Any], params_blob: bytes) -> str:
     digest = hashlib.sha256()
     digest.update(_canonical_json(config).encode())
-    digest.update(_params_bytes(params))
+    digest.update(params_blob)
+    return digest.hexdigest()
+
+
+def payload_sha256(format_version: int, package_version: str, config_json: str, metadata_json: str, params_blob: bytes) -> str:
+    """The one checksum of a version-2 file: every field, length-prefixed (no two payloads share their bytes)."""
+    digest = hashlib.sha256(MODEL_FORMAT.encode())
+    for part in (str(format_version).encode(), package_version.encode(), config_json.encode(), metadata_json.encode(), params_blob):
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
     return digest.hexdigest()
 
 
@@ -126,7 +149,7 @@ def save_model(path: str | os.PathLike, config: Mapping[str, Any], params, metad
         "config": config_json,
         "metadata": metadata_json,
         "params": params_blob,
-        "params_sha256": hashlib.sha256(params_blob).hexdigest(),
+        "sha256": payload_sha256(MODEL_FORMAT_VERSION, aiida_eqml.__version__, config_json, metadata_json, params_blob),
     }
     data = _MAGIC + serialization.msgpack_serialize(payload)
     path = os.fspath(path)
@@ -141,50 +164,55 @@ def save_model(path: str | os.PathLike, config: Mapping[str, Any], params, metad
 
 def read_model_file(path: str | os.PathLike) -> tuple[dict, dict, dict]:
     """``(config, params as numpy tree, metadata)`` after all integrity checks; no model built."""
-    from flax import serialization
+    from aiida_eqml.ml.modelfile_checks import check_payload, restore_params
 
     path = os.fspath(path)
+    size = os.path.getsize(path)
+    if size > MAX_MODEL_BYTES:
+        raise ModelFileError(f"{path}: {size} bytes, more than the {MAX_MODEL_BYTES} accepted (AIIDA_EQML_MAX_MODEL_BYTES)")
     with open(path, "rb") as handle:
         data = handle.read()
     if not data.startswith(_MAGIC):
         raise ModelFileError(f"{path}: not an aiida-eqml model file (bad magic header)")
-    try:
-        payload = serialization.msgpack_restore(data[len(_MAGIC) :])
-    except Exception as exc:  # msgpack raises several types on truncated input
-        raise ModelFileError(f"{path}: corrupt or truncated model file ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise ModelFileError(f"{path}: not an aiida-eqml model file (format {payload.get('format') if isinstance(payload, dict) else None!r})")
-    version = payload.get("format_version")
-    if version != MODEL_FORMAT_VERSION:
-        raise ModelFileError(
-            f"{path}: model format version {version}, this aiida-eqml ({_package_version()}) reads version {MODEL_FORMAT_VERSION}"
-        )
-    for key in ("config", "metadata", "params", "params_sha256"):
-        if key not in payload:
-            raise ModelFileError(f"{path}: corrupt model file, entry {key!r} missing")
-    blob = bytes(payload["params"])
-    if hashlib.sha256(blob).hexdigest() != payload["params_sha256"]:
-        raise ModelFileError(f"{path}: corrupt model file, the weights fail their sha256 check")
-    try:
-        params = serialization.msgpack_restore(blob)
-        config = json.loads(payload["config"])
-        metadata = json.loads(payload["metadata"])
-    except Exception as exc:
-        raise ModelFileError(f"{path}: corrupt model file ({type(exc).__name__}: {exc})") from exc
+    payload = _restore_payload(path, data[len(_MAGIC) :])
+    config, metadata = check_payload(path, payload)
+    params = restore_params(path, payload["params"])
     metadata["package_version_saved"] = payload.get("package_version")
     return config, params, metadata
 
 
+def _restore_payload(path: str, data: bytes) -> dict:
+    """The outer msgpack map; no ext hook, so nothing but plain msgpack values (bounded by ``data``) is built."""
+    import msgpack
+
+    try:
+        payload = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several types on truncated or crafted input
+        raise ModelFileError(f"{path}: corrupt or truncated model file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ModelFileError(f"{path}: not an aiida-eqml model file (format {found!r})")
+    version = payload.get("format_version")
+    if isinstance(version, bool) or version not in _READABLE_VERSIONS:
+        raise ModelFileError(
+            f"{path}: model format version {version!r}, this aiida-eqml ({_package_version()}) reads versions {list(_READABLE_VERSIONS)}"
+        )
+    return payload
+
+
 def load_model(path: str | os.PathLike):
     """``(model, params, metadata)``: the flax module rebuilt from the stored config, the
-    weights as jax arrays with their saved dtypes, and the metadata (incl. ``config``)."""
+    weights as jax arrays with their saved dtypes, and the metadata (incl. ``config``).
+
+    A config that fails the model schema, or weights that do not fit the layers it builds, raise
+    :class:`ModelFileError` too."""
     import jax
     import jax.numpy as jnp
 
-    from aiida_eqml.ml.models import build_model
+    from aiida_eqml.ml.modelfile_checks import build_checked_model
 
     config, params, metadata = read_model_file(path)
-    model = build_model(config)
+    model = build_checked_model(os.fspath(path), config, params)
     metadata["config"] = config
     return model, jax.tree_util.tree_map(jnp.asarray, params), metadata
 

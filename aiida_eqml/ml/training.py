@@ -38,7 +38,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from aiida_eqml.ml.config_schema import check_training_data, validate_training_config
 from aiida_eqml.ml.dataset import Batch, Dataset, build_graphs, make_batches, target_irreps_type
+from aiida_eqml.ml.dataset_file import dataset_digest
 from aiida_eqml.ml.metrics import MetricAccumulator
 
 __all__ = [
@@ -146,6 +148,7 @@ def training_config(config: Mapping[str, Any] | None) -> dict:
         raise ValueError(f"optimizer name must be 'adam' or 'adamw', got {full['optimizer']['name']!r}")
     if full["optimizer"]["schedule"] not in ("cosine", "exponential", "constant"):
         raise ValueError(f"schedule must be cosine, exponential or constant, got {full['optimizer']['schedule']!r}")
+    validate_training_config(full)  # types and ranges (aiida_eqml.ml.config_schema): ConfigError naming key and value
     return full
 
 
@@ -583,6 +586,8 @@ def train(
     if num_shards % len(devices):
         raise ValueError(f"num_shards={num_shards} must be a multiple of the {len(devices)} devices")
     batch_size = int(cfg["batch_size"])
+    check_training_data(train_set, {h: model.heads[h].level for h, w in weights.items() if w > 0}, batch_size)
+    data_sha256 = dataset_digest(dataset)  # in the checkpoint: resuming on other data is refused
     n_train_batches = math.ceil(len(train_set) / batch_size)
     steps_per_epoch = math.ceil(n_train_batches / num_shards)
     epochs = int(cfg["epochs"])
@@ -615,6 +620,11 @@ def train(
         ckpt = load_checkpoint(resume)
         if ckpt.get("config") != _config_fingerprint(cfg):
             raise ValueError(f"{resume}: checkpoint was written with a different training config")
+        if ckpt.get("dataset_sha256") != data_sha256:
+            raise ValueError(
+                f"{resume}: checkpoint was written for another dataset (content sha256 {ckpt.get('dataset_sha256')}, "
+                f"this dataset {data_sha256}); resume only the run it belongs to"
+            )
         params = serialization.from_state_dict(params, ckpt["params"])
         opt_state = serialization.from_state_dict(opt_state, ckpt["opt_state"])
         best = {"loss": float(ckpt["best_loss"]), "epoch": int(ckpt["best_epoch"]), "params": serialization.from_state_dict(params, ckpt["best_params"])}
@@ -686,6 +696,7 @@ def train(
                     os.path.join(out_path, "checkpoint.msgpack"),
                     {
                         "config": _config_fingerprint(cfg),
+                        "dataset_sha256": data_sha256,
                         "model_config": json.dumps(model_config, sort_keys=True),
                         "epoch": epoch + 1,
                         "params": jax.tree_util.tree_map(np.asarray, params),
