@@ -5,6 +5,7 @@ import click
 
 from .. import __version__
 from .local import local
+from .ml import predict, train
 
 
 @click.group(context_settings={'help_option_names': ['-h', '--help']})
@@ -14,6 +15,8 @@ def cli():
 
 
 cli.add_command(local)
+cli.add_command(train)
+cli.add_command(predict)
 
 if __name__ == '__main__':
     cli()

@@ -72,7 +72,10 @@ class EqmlCalculator(Calculator):
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
-        out = self.predictor.predict(self.atoms, node_attrs=self.node_attrs, edge_attrs=self.edge_attrs)
+        self.results = self.to_results(self.predictor.predict(self.atoms, node_attrs=self.node_attrs, edge_attrs=self.edge_attrs))
+
+    def to_results(self, out: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """A :meth:`Predictor.predict` output in this calculator's names and layout (``aiida-eqml predict`` too)."""
         results = {}
         for key, ase_name in self._names.items():
             if key.endswith("_keys") and key not in self.predictor.heads:
@@ -85,4 +88,9 @@ class EqmlCalculator(Calculator):
             results["free_energy"] = results["energy"]
             if "energy_std" in results:
                 results["free_energy_std"] = results["energy_std"]
-        self.results = results
+        return results
+
+    def per_atom(self, name: str) -> bool:
+        """Whether result ``name`` has one row per atom (a node head or its ``_std``)."""
+        key = next((k for k, v in self._names.items() if v == name.removesuffix("_std")), None)
+        return key in self.predictor.heads and self.predictor.heads[key].level == "node"

@@ -27,6 +27,9 @@ import time
 import traceback
 
 EXIT_CODES = {"completed": 0, "error": 1, "invalid_input": 2, "nan_loss": 3, "diverged": 4}
+# Reported as "invalid input" (exit 2): DatasetError, ModelFileError, StructureError and ConfigError are ValueErrors
+# naming file, field and value; listed for the reader, ValueError covers them.
+INVALID_INPUT_ERRORS = (ValueError, KeyError, FileNotFoundError, IsADirectoryError, UnicodeDecodeError)
 MODEL_FILENAME = "model.eqml"
 METRICS_FILENAME = "metrics.json"
 CHECKPOINT_FILENAME = "checkpoint.msgpack"
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             dataset, config, hubbard_slots = prepare_hubbard_training(
                 dataset, config, parent_meta if args.parent_model else None
             )
-    except (ValueError, KeyError, FileNotFoundError, json.JSONDecodeError) as exc:
+    except INVALID_INPUT_ERRORS as exc:  # json.JSONDecodeError is a ValueError
         return finish("invalid_input", f"{type(exc).__name__}: {exc}")
 
     try:
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         return finish("nan_loss", str(exc))
     except DivergenceError as exc:
         return finish("diverged", str(exc))
-    except (ValueError, KeyError, FileNotFoundError) as exc:
+    except INVALID_INPUT_ERRORS as exc:
         return finish("invalid_input", f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
 
     metadata = {
@@ -131,8 +134,14 @@ def run(args: argparse.Namespace) -> int:
     )
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+def train_command(dataset, config, out, resume=None, parent_model=None, progress: bool = True) -> int:
+    """The training run both command lines make (``python -m aiida_eqml.ml.train_cli``, which the ``eqml.train``
+    CalcJob runs, and ``aiida-eqml train``): writes ``out`` (see the module docstring), returns the exit code."""
+    args = argparse.Namespace(
+        dataset=os.fspath(dataset), config=os.fspath(config), out=os.fspath(out),
+        resume=None if resume is None else os.fspath(resume),
+        parent_model=None if parent_model is None else os.fspath(parent_model), no_progress=not progress,
+    )
     try:
         return run(args)
     except Exception:  # unexpected: keep the traceback for the CalcJob's stderr
@@ -142,6 +151,11 @@ def main(argv=None) -> int:
         except OSError:
             pass
         return EXIT_CODES["error"]
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    return train_command(args.dataset, args.config, args.out, args.resume, args.parent_model, not args.no_progress)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ Since the model node is an output of the training CalcJob, whose inputs are the 
 the harvesting calcfunctions fed by the DFT calculations, the provenance graph of a prediction reaches every
 pw.x / ph.x / hp.x run that made the training labels.
 
+The functions are node <-> array glue over :class:`aiida_eqml.ml.predict.Predictor` (the one prediction path of the
+package: graphs, checks, jitted padded apply, Cartesian conversion, ensemble statistics), taken from the process-level
+cache keyed by the models' file hashes, so a daemon worker that predicts in every iteration of a loop loads and
+compiles a model once.
+
 Refusals return an exit code (and no output node) with a message naming what is wrong: an element the model was
 not trained on (310), models of an ensemble that disagree on species or heads (311), a model that needs inputs the
 function does not provide (312).
@@ -21,6 +26,7 @@ from aiida import orm
 from aiida.engine import ExitCode, calcfunction
 
 from aiida_eqml.data.model import EqmlModelData
+from aiida_eqml.ml.predict import ensemble_statistics  # noqa: F401  (one definition, re-exported)
 
 __all__ = ('predict_tensors', 'predict_structure', 'ensemble_statistics', 'PredictionInputError')
 
@@ -64,90 +70,52 @@ def _check_models(models: dict, symbols) -> list[EqmlModelData]:
     return nodes
 
 
+def _predictor(nodes: list[EqmlModelData]):
+    """The process-wide Predictor of these model nodes (loaded and compiled on first use)."""
+    from aiida_eqml.ml.predict import Predictor, cached_predictor
+
+    return cached_predictor(
+        [node.sha256 for node in nodes],
+        lambda: Predictor([node.load() for node in nodes], names=[f'eqml.model pk={node.pk}' for node in nodes]),
+    )
+
+
+def _input_error(exception, nodes) -> PredictionInputError:
+    """A :class:`aiida_eqml.ml.predict.PredictionError` as the exit code of the field it names."""
+    status = {'species': EXIT_UNKNOWN_SPECIES, 'ensemble': EXIT_INCONSISTENT_ENSEMBLE}.get(
+        exception.field, EXIT_MISSING_MODEL_INPUTS
+    )
+    return PredictionInputError(status, f'model(s) pk={[node.pk for node in nodes]}: {exception}')
+
+
 def predict_structure(model_node: EqmlModelData, atoms, node_attrs=None, edge_attrs=None) -> dict[str, np.ndarray]:
     """``{head: array}`` for one ``ase.Atoms``: Cartesian for tensor heads, edge heads also ``<head>_keys``.
 
     ``node_attrs`` / ``edge_attrs`` are the raw per-atom / per-edge inputs a model config declares (as in the dataset
     record: ``{name: [n, ...]}``, ``{name: (keys [M, 5], values [M, ...])}``).
     """
-    import e3nn_jax as e3nn
+    from aiida_eqml.ml.predict import PredictionError
 
-    from aiida_eqml.ml.graph import PaddingBuckets, graph_from_atoms
-    from aiida_eqml.ml.tensors import tensor_type
-
-    model, params, metadata = model_node.load()
-    config = metadata['config']
-    node_attrs, edge_attrs = dict(node_attrs or {}), dict(edge_attrs or {})
-    missing = sorted(set(config.get('node_attrs') or {}) - set(node_attrs)) + sorted(
-        set(config.get('edge_attrs') or {}) - set(edge_attrs)
-    )
-    if missing:
-        raise PredictionInputError(
-            EXIT_MISSING_MODEL_INPUTS,
-            f'model pk={model_node.pk} needs the input attribute(s) {missing}, which this prediction does not provide',
-        )
-    n_atoms = len(atoms)
-    graph = graph_from_atoms(
-        atoms,
-        float(config['cutoff']),
-        list(config['species']),
-        node_attrs={
-            name: e3nn.IrrepsArray(irreps, np.asarray(node_attrs[name], np.float64).reshape(n_atoms, -1))
-            for name, irreps in (config.get('node_attrs') or {}).items()
-        },
-        edge_attrs={
-            name: (np.asarray(edge_attrs[name][0]), e3nn.IrrepsArray(irreps, np.asarray(edge_attrs[name][1], np.float64).reshape(len(edge_attrs[name][0]), -1)))
-            for name, irreps in (config.get('edge_attrs') or {}).items()
-        },
-    )
-    n_edges = int(np.sum(graph.n_edge))
-    padded = PaddingBuckets()([graph])  # real entries first, then padding (sliced off below)
-    outputs = model.apply(params, padded)
-    specs = metadata.get('target_specs') or {}
-    result = {}
-    for name, head in model.heads.items():
-        values = np.asarray(outputs[name].array, np.float64)
-        spec = specs.get(name, {})
-        ttype = tensor_type(spec['tensor']) if 'tensor' in spec else head.tensor
-        if ttype is not None:
-            values = np.asarray(ttype.to_cartesian(values), np.float64)
-        if head.level == 'node':
-            result[name] = values[:n_atoms]
-        elif head.level == 'graph':
-            result[name] = values[0]
-        else:
-            result[name] = values[:n_edges]
-            result[f'{name}_keys'] = np.concatenate(
-                [np.asarray(graph.senders)[:, None], np.asarray(graph.receivers)[:, None], np.rint(np.asarray(graph.shifts)).astype(np.int64)],
-                axis=1,
-            ).astype(np.int64)
-    return result
-
-
-def ensemble_statistics(predictions: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Mean of each array over the members, ``<name>_std`` the (population) standard deviation; keys unchanged."""
-    out = {}
-    for name in predictions[0]:
-        if name.endswith('_keys'):
-            out[name] = predictions[0][name]
-            continue
-        stack = np.stack([p[name] for p in predictions])
-        out[name] = stack.mean(axis=0)
-        if len(predictions) > 1:
-            out[f'{name}_std'] = stack.std(axis=0)
-    return out
+    try:
+        return _predictor([model_node]).predict(atoms, node_attrs=node_attrs, edge_attrs=edge_attrs)
+    except PredictionError as exception:
+        raise _input_error(exception, [model_node]) from exception
 
 
 @calcfunction
 def predict_tensors(structure: orm.StructureData, **models) -> orm.ArrayData | ExitCode:
     """Model(s) + structure -> ``ArrayData`` of the predicted tensors (see the module docstring)."""
+    from aiida_eqml.ml.predict import PredictionError
+
     atoms = structure.get_ase()
     try:
         nodes = _check_models(models, atoms.get_chemical_symbols())
-        predictions = [predict_structure(node, atoms) for node in nodes]
+        try:
+            arrays = _predictor(nodes).predict(atoms)  # mean and <head>_std over an ensemble
+        except PredictionError as exception:
+            raise _input_error(exception, nodes) from exception
     except PredictionInputError as exception:
         return ExitCode(exception.status, str(exception))
-    arrays = ensemble_statistics(predictions)
     result = orm.ArrayData()
     for name, values in arrays.items():
         result.set_array(name, np.asarray(values))
@@ -189,30 +157,6 @@ def hubbard_record_from_nodes(structure, occupations):
     return Dataset([sample], {'hubbard_u': HUBBARD_TARGET_SPECS['hubbard_u']})
 
 
-def _model_descriptor_dataset(record, model_node: EqmlModelData, config: dict, metadata: dict):
-    """The record with the descriptors this model reads (same manifold / pair slots as in its training)."""
-    import e3nn_jax as e3nn
-
-    from aiida_eqml.ml.hubbard.records import PAIR_ATTR, SITE_ATTR, hubbard_training_dataset
-    from aiida_eqml.ml.hubbard.training import descriptor_slots
-
-    # The slots train_cli stored; older models without them read the record's own.
-    manifold_ls, pair_ls = descriptor_slots(
-        record, metadata.get('hubbard'), with_pairs=PAIR_ATTR in (config.get('edge_attrs') or {})
-    )
-    dataset, attrs = hubbard_training_dataset(record, manifold_ls, pair_ls)
-    for group in ('node_attrs', 'edge_attrs'):
-        for name, irreps in (config.get(group) or {}).items():
-            if name in (SITE_ATTR, PAIR_ATTR) and e3nn.Irreps(attrs[group].get(name, '')) != e3nn.Irreps(irreps):
-                raise PredictionInputError(
-                    EXIT_MISSING_MODEL_INPUTS,
-                    f'model pk={model_node.pk} reads {name} with irreps {irreps}, the occupations of this scf give '
-                    f'{attrs[group].get(name)} (Hubbard manifolds l={manifold_ls}, pairs {pair_ls}): not the kind of '
-                    'system it was trained on',
-                )
-    return dataset
-
-
 @calcfunction
 def predict_hubbard(hubbard_structure, occupations, **models):
     """Model(s) + ``HubbardStructureData`` + its scf's ``eqml.occupations`` -> ``{'hubbard_structure', 'spread'}``.
@@ -221,46 +165,41 @@ def predict_hubbard(hubbard_structure, occupations, **models):
     the (ensemble mean) prediction; manifolds, projectors and formulation are kept. ``spread`` (Dict) holds, per
     parameter, the atoms, the mean, the standard deviation over the ensemble members and the input value.
     """
-    from aiida_eqml.ml.hubbard.models import predict_hubbard as predict_hubbard_ml
+    from aiida_eqml.ml.predict import PredictionError
 
     atoms = hubbard_structure.get_ase()
     try:
         nodes = _check_models(models, atoms.get_chemical_symbols())
         record = hubbard_record_from_nodes(hubbard_structure, occupations)
-        members = []
-        for node in nodes:
-            model, params, metadata = node.load()
-            dataset = _model_descriptor_dataset(record, node, metadata['config'], metadata)
-            members.append(predict_hubbard_ml(model, params, dataset)[0])
+        try:  # each member reads the occupations through the descriptor slots stored in its model file
+            prediction = _predictor(nodes).predict_hubbard(record)[0]  # mean, <name>_std
+        except PredictionError as exception:
+            raise _input_error(exception, nodes) from exception
     except PredictionInputError as exception:
         return ExitCode(exception.status, str(exception))
 
-    u_members = np.stack([m['hubbard_u'] for m in members]) if 'hubbard_u' in members[0] else None
-    v_members = {}
-    for member in members:
-        if 'hubbard_v' in member:
-            keys, values = member['hubbard_v']
-            for key, value in zip(np.asarray(keys).tolist(), values):
-                v_members.setdefault(tuple(int(k) for k in key), []).append(float(value))
+    v_keys = np.asarray(prediction.get('hubbard_v_keys', np.zeros((0, 5))), dtype=np.int64).tolist()
+    v_index = {tuple(key): index for index, key in enumerate(v_keys)}
 
     hubbard = hubbard_structure.hubbard
     spread = []
     for parameter in hubbard.parameters:
         i, j, shift = parameter.atom_index, parameter.neighbour_index, tuple(parameter.translation)
         onsite = i == j and shift == (0, 0, 0)
-        if onsite and u_members is not None and np.all(np.isfinite(u_members[:, i])):
-            values = u_members[:, i]
-        elif not onsite and (i, j, *shift) in v_members:
-            values = np.array(v_members[(i, j, *shift)])
+        if onsite and 'hubbard_u' in prediction and np.isfinite(prediction['hubbard_u'][i]):
+            mean, std = prediction['hubbard_u'][i], prediction['hubbard_u_std'][i]
+        elif not onsite and (i, j, *shift) in v_index:
+            k = v_index[(i, j, *shift)]
+            mean, std = prediction['hubbard_v'][k], prediction['hubbard_v_std'][k]
         else:
             continue  # this model does not predict that parameter: keep the input value
         entry = {
             'kind': 'U' if onsite else 'V', 'atom_index': i, 'neighbour_index': j, 'translation': list(shift),
             'manifolds': [parameter.atom_manifold, parameter.neighbour_manifold],
-            'input': float(parameter.value), 'mean': float(values.mean()), 'std': float(values.std()),
+            'input': float(parameter.value), 'mean': float(mean), 'std': float(std),
         }
         spread.append(entry)
-        parameter.value = float(values.mean())
+        parameter.value = float(mean)
     predicted = hubbard_structure.clone()
     predicted.hubbard = hubbard
     return {

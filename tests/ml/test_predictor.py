@@ -11,7 +11,6 @@ from aiida_eqml.ml.models import build_model
 from aiida_eqml.ml.modelfile import save_model
 from aiida_eqml.ml.predict import PredictionError, Predictor, cached_predictor, load_predictor
 from aiida_eqml.ml.tensors import tensor_type
-from conftest import random_periodic_atoms, random_rotation
 
 #: every kind of head the calculator exposes: energy / forces / stress from E(R), direct Cartesian tensors
 MODEL = {
@@ -33,7 +32,21 @@ MODEL = {
 
 
 def tio(seed=0, n_atoms=4):
-    return random_periodic_atoms(seed, n_atoms, symbols=("Ti", "O", "O"), cell_length=3.4)
+    """A small triclinic Ti-O cell with random positions (no two atoms closer than 1 A)."""
+    rng = np.random.default_rng(seed)
+    cell = 3.4 * (np.eye(3) + 0.15 * rng.normal(size=(3, 3)))
+    while True:
+        symbols = ["Ti" if i % 3 == 0 else "O" for i in range(n_atoms)]
+        atoms = ase.Atoms(symbols, scaled_positions=rng.uniform(size=(n_atoms, 3)), cell=cell, pbc=True)
+        distances = atoms.get_all_distances(mic=True)[np.triu_indices(n_atoms, 1)]
+        if distances.min() > 1.0:
+            return atoms
+
+
+def random_rotation(seed, improper):
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r)) * np.sign(np.linalg.det(q * np.sign(np.diag(r))))  # proper
+    return -q if improper else q
 
 
 def model_file(path, config, seed, atoms=None):
