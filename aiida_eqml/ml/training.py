@@ -142,8 +142,6 @@ def training_config(config: Mapping[str, Any] | None) -> dict:
     full = _merge(DEFAULT_TRAINING_CONFIG, config)
     if "split" in config:  # a split is either fractions or explicit indices, never merged
         full["split"] = copy.deepcopy(config["split"])
-    if int(full["epochs"]) < 1 or int(full["batch_size"]) < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {full['epochs']}, {full['batch_size']}")
     if full["optimizer"]["name"] not in ("adam", "adamw"):
         raise ValueError(f"optimizer name must be 'adam' or 'adamw', got {full['optimizer']['name']!r}")
     if full["optimizer"]["schedule"] not in ("cosine", "exponential", "constant"):

@@ -16,6 +16,7 @@ member as explicit indices, so that the members' spread measures the model uncer
 from __future__ import annotations
 
 import copy
+import math
 
 from aiida import orm
 from aiida.common import AttributeDict
@@ -25,6 +26,16 @@ from aiida_eqml.calculations.train import EqmlTrainCalculation, TrainingInputErr
 from aiida_eqml.data.model import EqmlModelData
 
 __all__ = ('EqmlTrainWorkChain', 'EqmlEnsembleTrainWorkChain')
+
+#: Below this the NaN/divergence handler stops instead of halving again (a step this small is not the problem).
+MIN_LEARNING_RATE = 1e-8
+
+
+def _as_float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 class EqmlTrainWorkChain(BaseRestartWorkChain):
@@ -44,6 +55,7 @@ class EqmlTrainWorkChain(BaseRestartWorkChain):
         )
         spec.expose_outputs(EqmlTrainCalculation)
         spec.exit_code(310, 'ERROR_INVALID_INPUTS', message='The inputs cannot train a model: {message}')
+        spec.exit_code(311, 'ERROR_UNSTABLE_TRAINING', message='Training stays unstable and halving the learning rate cannot help: {message}')
 
     def setup(self):
         super().setup()
@@ -80,12 +92,24 @@ class EqmlTrainWorkChain(BaseRestartWorkChain):
         exit_codes=[EqmlTrainCalculation.exit_codes.ERROR_NAN_LOSS, EqmlTrainCalculation.exit_codes.ERROR_DIVERGED],
     )
     def handle_unstable_training(self, node):
-        """Halve the learning rate and start again (a checkpoint of another config does not apply)."""
+        """Halve the learning rate and start again (a checkpoint of another config does not apply).
+
+        Stops with ``ERROR_UNSTABLE_TRAINING`` when halving cannot help: a learning rate that is not a finite positive
+        number (NaN / 2 is NaN), or one already below ``MIN_LEARNING_RATE`` (then the instability is in the data or
+        the model, not in the step size).
+        """
         config = copy.deepcopy(self.ctx.inputs.config.get_dict())
         optimizer = config.setdefault('optimizer', {})
         from aiida_eqml.ml.training import DEFAULT_TRAINING_CONFIG
 
-        old = float(optimizer.get('learning_rate', DEFAULT_TRAINING_CONFIG['optimizer']['learning_rate']))
+        old = _as_float(optimizer.get('learning_rate', DEFAULT_TRAINING_CONFIG['optimizer']['learning_rate']))
+        if not (math.isfinite(old) and old / 2 >= MIN_LEARNING_RATE):
+            message = (
+                f'{node.process_label}<{node.pk}>: {node.exit_message}; learning rate {old!r} cannot be halved usefully '
+                f'(not finite, or half of it below {MIN_LEARNING_RATE:g})'
+            )
+            self.report(message)
+            return ProcessHandlerReport(do_break=True, exit_code=self.exit_codes.ERROR_UNSTABLE_TRAINING.format(message=message))
         optimizer['learning_rate'] = old / 2
         self.ctx.inputs.config = orm.Dict(config)
         self.ctx.inputs.pop('restart_checkpoint', None)

@@ -15,8 +15,8 @@ The loader converts to the architecture contract ``chi[I, a, b, c]`` (a, b field
 and checks the field symmetry after conversion, so a file in the other layout is caught and
 reported instead of silently mislabelled.
 
-Every record is checked (finite values, shapes, atom count and species order against the first
-good record, cif vs QE positions, Z* acoustic sum rule, Raman field symmetry and translational
+Every record is checked (finite values, shapes, atom count and species order against the
+majority of the readable records - not the first one, which may itself be the faulty record, cif vs QE positions, Z* acoustic sum rule, Raman field symmetry and translational
 sum rule, dielectric symmetric positive definite with eigenvalues > 1, plausible magnitudes).
 Faulty records are excluded (or, with ``on_fault="mask"``, only the faulty label is set to NaN)
 and listed, by file name, in the returned :class:`LoadReport`.
@@ -202,6 +202,19 @@ def check_record(
     return faults
 
 
+def _majority_symbols(structures: dict) -> tuple[list[str] | None, str]:
+    """The species sequence most records share (ties: the earliest file), and how to name it in a report."""
+    from collections import Counter
+
+    counts = Counter(
+        tuple(atoms.get_chemical_symbols()) for atoms in structures.values() if np.all(np.isfinite(atoms.positions))
+    )
+    if not counts:
+        return None, "no readable record"
+    symbols, count = counts.most_common(1)[0]
+    return list(symbols), f"the majority of records ({count} of {sum(counts.values())}: {len(symbols)} atoms)"
+
+
 def load_bto400(
     root: str | os.PathLike,
     *,
@@ -234,23 +247,22 @@ def load_bto400(
             report.notes.append(f"{target}: files without a structure ignored: {[s + '.npy' for s in stray]}")
 
     samples: list[Sample] = []
-    reference_symbols: list[str] | None = None
+    structures = {}
     for index in indices:
+        try:
+            structures[index] = read_p1_cif(cif_dir / f"structure_{index}.cif")
+        except Exception as exc:  # ase raises many types for a broken cif
+            report.excluded[f"structure_{index}.cif"] = [f"unreadable cif: {exc}"]
+    reference_symbols, reference_note = _majority_symbols(structures)
+    for index, atoms in structures.items():
         name = f"structure_{index}"
         reasons: list[str] = []
-        try:
-            atoms = read_p1_cif(cif_dir / f"{name}.cif")
-        except Exception as exc:  # ase raises many types for a broken cif
-            report.excluded[f"{name}.cif"] = [f"unreadable cif: {exc}"]
-            continue
         n = len(atoms)
         symbols = atoms.get_chemical_symbols()
         if not np.all(np.isfinite(atoms.positions)):
             reasons.append(f"{name}.cif: non-finite positions")
-        if reference_symbols is None and not reasons:
-            reference_symbols = symbols
-        elif reference_symbols is not None and symbols != reference_symbols:
-            reasons.append(f"{name}.cif: atom count/order differs from the first record ({n} atoms, {atoms.get_chemical_formula()})")
+        elif symbols != reference_symbols:
+            reasons.append(f"{name}.cif: atom count/order differs from {reference_note} ({n} atoms, {atoms.get_chemical_formula()})")
         qe_path = root / "structures" / "qe" / f"{name}.scf"
         if qe_path.exists() and not reasons:
             try:
