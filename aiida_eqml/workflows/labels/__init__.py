@@ -21,6 +21,8 @@ from __future__ import annotations
 import pathlib
 import re
 
+import numpy as np
+
 from aiida import orm
 from aiida.engine import WorkChain, while_
 from aiida_quantumespresso.workflows.protocols.utils import ProtocolMixin
@@ -46,6 +48,25 @@ def protocol_alias(protocol: str | None) -> str | None:
 def protocol_filepath(name: str) -> pathlib.Path:
     """The YAML protocol file ``aiida_eqml/workflows/protocols/labels/<name>.yaml``."""
     return pathlib.Path(__file__).resolve().parent.parent / 'protocols' / 'labels' / f'{name}.yaml'
+
+
+def structure_problem(structure) -> str | None:
+    """Why ``structure`` cannot be labelled (NaN, degenerate cell, overlapping atoms...), or None.
+
+    The check every entry point makes (:mod:`aiida_eqml.ml.structure_checks`); the minimum distance over all pairs
+    (minimum image) here, where no neighbour list exists: DFT structures are small.
+    """
+    from aiida_eqml.ml.structure_checks import StructureError, check_min_distance, validate_atoms
+
+    atoms = structure.get_ase()
+    try:
+        validate_atoms(atoms)
+        if len(atoms) > 1:
+            i, j = np.triu_indices(len(atoms), 1)
+            check_min_distance(atoms.get_all_distances(mic=bool(atoms.pbc.any()))[i, j], i, j)
+    except StructureError as exception:
+        return str(exception)
+    return None
 
 
 def structures_to_namespace(structures, prefix: str = 'structure') -> dict:
@@ -156,7 +177,7 @@ class LabelsWorkChain(ProtocolMixin, WorkChain):
         if reason:
             return self.exit_codes.ERROR_INVALID_PARAMETERS.format(reason=reason)
         for key in sorted(structures):
-            reason = self.validate_structure(key, structures[key])
+            reason = structure_problem(structures[key]) or self.validate_structure(key, structures[key])
             if reason:
                 return self.exit_codes.ERROR_INVALID_STRUCTURE.format(key=key, reason=reason)
         # Everything the loop needs is in the context (plain lists/dicts of strings): restart safe.
