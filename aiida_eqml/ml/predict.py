@@ -270,7 +270,7 @@ class Predictor:
 
         ``groups``: only these member groups (their members' entries filled in ``into``, the others left as they
         are); the result is stacked with :meth:`_stack` once every member is filled."""
-        from aiida_eqml.ml.graph import PaddingBuckets
+        from aiida_eqml.ml.graph import PaddingBuckets, match_edges
 
         buckets = PaddingBuckets()
         groups = self._groups if groups is None else groups
@@ -297,17 +297,19 @@ class Predictor:
                                 "graph": values[:, k]}[head.level]
                         entry.setdefault(name, [None] * len(self))
                         cart = to_cartesian(rows, self.target_specs.get(name), head)
-                        for m, index in enumerate(group.indices):
-                            entry[name][index] = cart[m]
                         if head.level == "edge":
                             keys = np.concatenate(
                                 [np.asarray(g.senders, np.int64)[:, None], np.asarray(g.receivers, np.int64)[:, None],
                                  np.rint(np.asarray(g.shifts)).astype(np.int64)], axis=1)
-                            if f"{name}_keys" in entry and not np.array_equal(entry[f"{name}_keys"], keys):
-                                raise PredictionError(
-                                    f"ensemble members with different cutoffs give different edges for edge head {name!r}",
-                                    "ensemble")
-                            entry[f"{name}_keys"] = keys
+                            first = entry.setdefault(f"{name}_keys", keys)
+                            if not np.array_equal(first, keys):
+                                # members with another cutoff: their values on the first group's edges, NaN where
+                                # they have no such edge (a Hubbard V couple lies within every member's cutoff)
+                                where = match_edges(keys[:, 0], keys[:, 1], keys[:, 2:], first)
+                                found = (where >= 0).reshape((1, -1) + (1,) * (cart.ndim - 2))
+                                cart = np.where(found, cart[:, np.maximum(where, 0)], np.nan)
+                        for m, index in enumerate(group.indices):
+                            entry[name][index] = cart[m]
                     node_off, edge_off = node_off + n, edge_off + e
         return results
 

@@ -234,3 +234,21 @@ def test_ensemble_directory_and_directory_of_files(tmp_path, files):
         load_predictor(tmp_path / "ens")
     with pytest.raises(FileNotFoundError, match="no ensemble.json and no .eqml"):
         load_predictor(tmp_path)
+
+
+def test_ensemble_of_members_with_other_cutoffs_and_an_edge_head(tmp_path):
+    """A committee over hyper-parameters: members build their own graphs; edge values meet on the first's edges."""
+    from aiida_eqml.ml.graph import match_edges
+
+    base = {**MODEL, "heads": {"bond": {"level": "edge", "irreps": "0e"}, "born_charges": {"level": "node", "tensor": "ij"}}}
+    short = load_predictor(model_file(tmp_path / "short.eqml", {**base, "cutoff": 2.6}, 0))
+    long = load_predictor(model_file(tmp_path / "long.eqml", {**base, "cutoff": 3.2}, 1))
+    both = load_predictor([tmp_path / "short.eqml", tmp_path / "long.eqml"])
+    atoms = tio(10, 6)
+    a, b, out = short.predict(atoms), long.predict(atoms), both.predict(atoms)
+    assert len(b["bond_keys"]) > len(a["bond_keys"]) > 0  # the longer cutoff sees more edges
+    np.testing.assert_array_equal(out["bond_keys"], a["bond_keys"])
+    where = match_edges(b["bond_keys"][:, 0], b["bond_keys"][:, 1], b["bond_keys"][:, 2:], a["bond_keys"])
+    assert np.all(where >= 0)
+    np.testing.assert_allclose(out["bond"], (a["bond"] + b["bond"][where]) / 2, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out["born_charges"], (a["born_charges"] + b["born_charges"]) / 2, rtol=1e-5, atol=1e-7)
