@@ -28,6 +28,7 @@ TESTS = [
     'tests/aiida/test_reliability_nodes.py',
     'tests/aiida/test_reliability_labels.py',
     'tests/aiida/test_reliability_daemon.py',
+    'tests/aiida/test_reliability_train_workchain.py',
 ]
 
 HEADER = """# Reliability: malformed input at each entry point

@@ -15,6 +15,7 @@ tests that way and turns the JSON into the markdown table. Without the option no
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -26,8 +27,12 @@ def pytest_addoption(parser):
     parser.addoption('--reliability-json', default=None, help='write the reliability rows recorded by the tests here')
 
 
+# Temporary folders of the test run: only the file name is meaningful (and the table then is reproducible).
+_TMP_PATH = re.compile(r'\S*/pytest-of-[^/\s]+/pytest-\d+/(?:[^/\s]+/)*')
+
+
 def _short(text: str) -> str:
-    text = ' '.join(str(text).split())
+    text = _TMP_PATH.sub('', ' '.join(str(text).split()))
     return text if len(text) <= _MAX_OBSERVED else text[: _MAX_OBSERVED - 3] + '...'
 
 
