@@ -27,9 +27,9 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 DATA = HERE / 'data' / 'hubbard_campaign'
 EXTRA = 'eqml_hubbard_campaign'  # extras key on each submitted work chain: its cell key
-#: Bumped when the cells' definition changes (here: 2, U on every O site and O -> TM seeds for U+V), so that work
+#: Bumped when the cells' definition changes (3: U+V cells with U on every TM site and TM-O V, no U on O 2p), so that work
 #: chains of an older definition in the profile are not taken for this one.
-VERSION = 2
+VERSION = 3
 #: Strains of each material, in the order the campaign runs them: first every material at a0 (breadth first),
 #: then the strained cells.
 STRAINS = (1.00, 0.97, 1.03)
@@ -132,6 +132,20 @@ def step_times(node) -> list[dict]:
     ]
 
 
+def recover(key: str, node):
+    """The labels of a cell whose labels work chain failed after its self-consistent loop finished (e.g. in its
+    harvest): harvested here from the loop, so the DFT work is not repeated. None if the loop itself failed."""
+    from aiida_eqml.workflows.labels.hubbard import HubbardLabelsWorkChain, harvest_loops
+
+    loops = [child for child in node.called if child.process_label == 'SelfConsistentHubbardWorkChain']
+    if not loops:
+        return None
+    loop = loops[-1]
+    if not (loop.is_finished_ok or loop.exit_status == 601) or not HubbardLabelsWorkChain.finished_hp_iterations(loop):
+        return None
+    return harvest_loops({key: loop})
+
+
 def export(key: str, name: str, strain: float, node) -> str:
     """Write ``<key>.npz`` (labels) and ``<key>.json`` (metadata) of a terminated cell; returns its state."""
     from aiida_eqml.local.hubbard_materials import MATERIALS
@@ -147,15 +161,16 @@ def export(key: str, name: str, strain: float, node) -> str:
         'protocol': REFERENCE_PROTOCOL, 'protocol_fingerprint': protocol_fingerprint(REFERENCE_PROTOCOL),
     }
     DATA.mkdir(parents=True, exist_ok=True)
-    if node.is_finished_ok and 'dataset' in node.outputs:
-        record = node.outputs.dataset.get_dataset()
+    dataset = node.outputs.dataset if node.is_finished_ok and 'dataset' in node.outputs else recover(key, node)
+    if dataset is not None:
+        record = dataset.get_dataset()
         for sample in record.samples:
             found = re.search(r'_iter(\d+)$', str(sample.info.get('name', '')))
             iteration = int(found.group(1)) if found else None
             sample.info.update({
                 'material': name, 'structure_type': material.structure_type, 'strain': strain,
                 'protocol': REFERENCE_PROTOCOL, 'protocol_fingerprint': meta['protocol_fingerprint'],
-                'campaign_key': key, 'iteration': iteration, 'dataset_uuid': node.outputs.dataset.uuid,
+                'campaign_key': key, 'iteration': iteration, 'dataset_uuid': dataset.uuid,
             })
         meta['n_samples'] = len(record)
         record.save(DATA / f'{key}.npz')

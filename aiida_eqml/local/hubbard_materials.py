@@ -2,7 +2,8 @@
 
 Each :class:`HubbardMaterial` knows its cell (experimental lattice parameters, rounded), its kinds (one per spin
 sublattice), its magnetic order, and its Hubbard manifolds: U on the transition-metal 3d shell, and for ``U+V``
-materials also U on O 2p and V on the nearest TM 3d - O 2p pairs (the couples that hp.x then returns). Strained
+materials V on the nearest TM 3d - O 2p pairs (the couples that hp.x then returns; see :func:`hubbard_structure`
+for why O 2p gets no U). Strained
 cells scale the lattice isotropically (``strain`` = a/a0). The Hubbard atoms come first, as aiida-hubbard
 requires.
 
@@ -20,7 +21,6 @@ __all__ = ('HubbardMaterial', 'MATERIALS', 'hubbard_structure', 'material_key')
 #: Starting U / V (eV) of the first scf of a self-consistent cycle (hp.x computes the response from scratch;
 #: the starting values only choose the ground state it perturbs).
 U_START_3D = {'Ti': 3.0, 'Mn': 5.0, 'Fe': 5.0, 'Co': 5.0, 'Ni': 5.0}
-U_START_O_2P = 6.0
 V_START = 1.0
 #: Starting magnetization (QE's fraction of the valence charge) of a spin-up / spin-down TM kind.
 MAGNETIZATION = 0.8
@@ -161,16 +161,14 @@ def hubbard_structure(material: HubbardMaterial | str, strain: float = 1.0):
         for kind in metal_kinds:  # DFT+U: QE's card holds one U per kind
             structure.initialize_onsites_hubbard(kind, '3d', u_start, 'Ueff', use_kinds=True)
         return structure
-    # DFT+U+V: every parameter is per atom in QE's card, so U goes on every TM and O site (``use_kinds`` would put
-    # it on the first site of a kind only). V is seeded on one TM-O and one O-TM couple per kind: aiida-hubbard's
-    # radial analysis keeps, of what hp.x returns, the on-site U of the kinds that appear in a couple and the first
-    # neighbour shell of those couples, so without the O -> TM seed the U on O 2p would be dropped after hp.x.
+    # DFT+U+V: every parameter is per atom in QE's card, so U goes on every TM site (``use_kinds`` would put it on the
+    # first site of a kind only), and V is seeded on one TM 3d - O 2p couple per kind, which makes O 2p a Hubbard
+    # manifold. No U on O 2p: hp.x computes it (Hubbard_parameters.dat) but writes to HUBBARD.dat, which aiida-hubbard
+    # turns into the next scf's parameters, only the TM's U and the TM-O V (measured on LiCoO2: U(O 2p) = 9.7 eV in
+    # the first iteration, absent from the second). Seeding it would make the first scf unlike all later ones.
     for index, (symbol, _, _) in enumerate(sites):
         if symbol == material.metal:
             structure.append_hubbard_parameter(index, '3d', index, '3d', u_start, (0, 0, 0), 'U')
-        elif symbol == 'O':
-            structure.append_hubbard_parameter(index, '2p', index, '2p', U_START_O_2P, (0, 0, 0), 'U')
     for kind in metal_kinds:
         structure.initialize_intersites_hubbard(kind, '3d', 'O', '2p', V_START, 'V', use_kinds=True)
-        structure.initialize_intersites_hubbard('O', '2p', kind, '3d', V_START, 'V', use_kinds=True)
     return structure

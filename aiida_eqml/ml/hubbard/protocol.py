@@ -38,7 +38,7 @@ REFERENCE_PROTOCOL: dict[str, Any] = {
     'hp_qpoints': [1, 1, 1],
     'conv_thr_per_atom_ry': 2.0e-10,
     'hubbard': {
-        'onsite': 'U on the transition-metal 3d shell; with V also on O 2p',
+        'onsite': 'U on the transition-metal 3d shell (hp.x returns no U on O 2p to the next scf)',
         'intersite': 'V on the transition metal 3d - O 2p pairs that hp.x returns (aiida-hubbard radial analysis)',
     },
     'tolerance_onsite_ev': 0.1,

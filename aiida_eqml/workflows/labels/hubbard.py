@@ -22,7 +22,7 @@ from aiida_eqml.workflows.labels import LabelsWorkChain, protocol_alias, protoco
 
 HubbardStructureData = DataFactory('quantumespresso.hubbard_structure')
 
-__all__ = ('HubbardLabelsWorkChain', 'OCCUP_TXT')
+__all__ = ('HubbardLabelsWorkChain', 'OCCUP_TXT', 'harvest_loops')
 
 #: Where pw.x writes the DFT+U+V generalized occupations (relative to the calculation's working folder).
 OCCUP_TXT = 'out/aiida.save/occup.txt'
@@ -177,26 +177,35 @@ class HubbardLabelsWorkChain(LabelsWorkChain):
         return sorted(found, key=lambda item: item[0])
 
     def harvest(self, keys):
-        from aiida_eqml.calculations.functions.occupations import extract_occupations
+        return harvest_loops({key: self.item_node(key) for key in keys})
 
-        labels = {}
-        for key in keys:
-            for iteration, hp_node in self.finished_hp_iterations(self.item_node(key)):
-                scf_calc = hp_node.inputs.hp.parent_scf.creator
-                results, extraction = extract_occupations.run_get_node(
-                    retrieved=scf_calc.outputs.retrieved, structure=scf_calc.inputs.structure,
-                    metadata={'call_link_label': f'occupations_{key}_{iteration:02d}'},
-                )
-                if not extraction.is_finished_ok:  # becomes ERROR_HARVEST_FAILED with this message
-                    raise ValueError(f'occupations of `{key}` iteration {iteration}: {extraction.exit_message}')
-                sample_key = f'{key}_iter{iteration:02d}'
-                labels[f'{sample_key}_structure'] = scf_calc.inputs.structure
-                labels[f'{sample_key}_occupations'] = results['occupations']
-                labels[f'{sample_key}_hubbard'] = hp_node.outputs.hubbard_structure
-                if 'output_band' in scf_calc.outputs:  # the state hp.x perturbed, to judge the label by
-                    labels[f'{sample_key}_scf_parameters'] = scf_calc.inputs.parameters
-                    labels[f'{sample_key}_scf_output_parameters'] = scf_calc.outputs.output_parameters
-                    labels[f'{sample_key}_scf_bands'] = scf_calc.outputs.output_band
-        if not labels:
-            raise ValueError('no hp.x iteration finished successfully')
-        return harvest_hubbard_labels(**labels, metadata={'call_link_label': 'harvest_hubbard_labels'})
+
+def harvest_loops(loops: dict):
+    """Labels of finished ``SelfConsistentHubbardWorkChain`` nodes ``{key: node}`` -> ``harvest_hubbard_labels``.
+
+    Also usable on loops whose labels work chain failed afterwards (e.g. in its own harvest), so that finished
+    DFT work is never run again to get its labels.
+    """
+    from aiida_eqml.calculations.functions.occupations import extract_occupations
+
+    labels = {}
+    for key, loop in loops.items():
+        for iteration, hp_node in HubbardLabelsWorkChain.finished_hp_iterations(loop):
+            scf_calc = hp_node.inputs.hp.parent_scf.creator
+            results, extraction = extract_occupations.run_get_node(
+                retrieved=scf_calc.outputs.retrieved, structure=scf_calc.inputs.structure,
+                metadata={'call_link_label': f'occupations_{key}_{iteration:02d}'},
+            )
+            if not extraction.is_finished_ok:  # becomes ERROR_HARVEST_FAILED with this message
+                raise ValueError(f'occupations of `{key}` iteration {iteration}: {extraction.exit_message}')
+            sample_key = f'{key}_iter{iteration:02d}'
+            labels[f'{sample_key}_structure'] = scf_calc.inputs.structure
+            labels[f'{sample_key}_occupations'] = results['occupations']
+            labels[f'{sample_key}_hubbard'] = hp_node.outputs.hubbard_structure
+            if 'output_band' in scf_calc.outputs:  # the state hp.x perturbed, to judge the label by
+                labels[f'{sample_key}_scf_parameters'] = scf_calc.inputs.parameters
+                labels[f'{sample_key}_scf_output_parameters'] = scf_calc.outputs.output_parameters
+                labels[f'{sample_key}_scf_bands'] = scf_calc.outputs.output_band
+    if not labels:
+        raise ValueError('no hp.x iteration finished successfully')
+    return harvest_hubbard_labels(**labels, metadata={'call_link_label': 'harvest_hubbard_labels'})
