@@ -1,33 +1,46 @@
-"""Hubbard U from real hp.x labels: harvest them from AiiDA, train an ensemble, report the errors.
+"""Hubbard U / V from real hp.x labels: an honest leave-one-material-out evaluation against three baselines.
 
-Two steps::
-
-    # 1. (AiiDA) every successful hp.x iteration of every SelfConsistentHubbardWorkChain in the profile
-    #    -> eqml.occupations (extract_occupations) -> eqml.dataset (harvest_hubbard_labels) -> .npz
+    # (AiiDA) every hp.x iteration of every SelfConsistentHubbardWorkChain of a profile -> one record (.npz)
     AIIDA_PATH=/tmp/aiida-dev .venv/bin/python benchmarks/hubbard_uv.py harvest --profile eqml-dev
 
-    # 2. (pure ML, no aiida) train N seeds on the training structures, predict the held-out ones
-    .venv/bin/python benchmarks/hubbard_uv.py train
+    # (pure ML) the evaluation on the campaign labels (benchmarks/data/hubbard_campaign/*.npz, merged in-process)
+    .venv/bin/python benchmarks/hubbard_uv.py evaluate                      # full: 3 seeds, 2 x 2 candidates
+    .venv/bin/python benchmarks/hubbard_uv.py evaluate --seeds 1 --epochs 20 --sizes tiny \\
+        --learning-curve none --out /tmp/hubbard_uv.json                     # a cheap check of the pipeline
+    .venv/bin/python benchmarks/hubbard_uv.py evaluate --labels docs/benchmarks/hubbard_labels.npz ...
 
-Outputs: ``docs/benchmarks/hubbard_labels.npz`` (the Hubbard dataset record, see
-``aiida_eqml/ml/hubbard/records.py``), ``docs/benchmarks/hubbard_uv.json`` (metrics, per-site
-predictions with ensemble spread, settings), ``docs/benchmarks/hubbard_uv_parity.png``.
+What ``evaluate`` does (functions in ``aiida_eqml.ml.hubbard.evaluation``):
 
-One sample = one hp.x run: inputs are the occupation matrices of the scf hp.x perturbed and the U
-that scf used; the target is the U hp.x returned. The split is by *structure* (all iterations of a
-held-out structure are in the test set), so the test measures prediction on crystals not seen.
+* **labels**: one sample = one hp.x run (an iteration of a self-consistent cycle). Samples whose perturbed scf fails
+  the quality filter (``hubbard_label_issues``: not converged, or metallic in a spin channel) stay in the record,
+  flagged in the output, and are neither trained on nor scored.
+* **leave one material out**: a material is composition + structure type + magnetic order (``info['material']``,
+  e.g. ``NiO-rocksalt-afm2``); each is held out in turn with all its strains and iterations.
+* **model selection** only inside the training materials: candidates (``--sizes`` x ``--epochs``) are trained with
+  the first seed on the training materials less a validation split *of materials* (one material, or a strain cell
+  when only one training material exists) and the candidate with the lowest validation MARE (mean of U and V) is
+  retrained on all training materials with every seed (``--seeds``) and scored on the held-out material.
+* **reported per held-out material**: MAE and MARE of U and V, mean and spread (std) over seeds, the seed-committee
+  errors, and the same numbers for three baselines fitted on the same training materials: per-element mean,
+  previous iteration (U_in / V_in: the U / V of the perturbed scf, the paper's baseline) and a per-element straight
+  line in the trace of the on-site occupation matrix.
+* **summary**: MAREs pooled over every held-out label (each label is held out exactly once), model (mean over
+  seeds) and best baseline.
+* **learning curve** (``--learning-curve``): error on each held-out material against the number of training
+  materials (random subsets of the others, first seed, the candidate selected for that material).
 
-``harvest`` also stores, per sample, scalars of the pw.x scf that hp.x perturbed (cutoff, k mesh,
-occupations, convergence, magnetization, electrons and band gap per spin channel: see
-:func:`scf_diagnostics`). ``train --quality-filter insulating`` drops the labels whose perturbed
-ground state is metallic in a spin channel (``aiida_eqml.ml.hubbard.records.hubbard_label_issues``);
-``--ecutwfc 60`` keeps only the labels of one cutoff. Both only look at the scf, never at the label.
+Outputs: ``--out`` (default ``docs/benchmarks/hubbard_uv.json``) and the plots beside it
+(``<stem>_parity.png``, ``<stem>_learning_curve.png``). Every number in the json is written by this script, with
+the command line and git commit.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,11 +48,16 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+CAMPAIGN = ROOT / "benchmarks" / "data" / "hubbard_campaign"
 LABELS = ROOT / "docs" / "benchmarks" / "hubbard_labels.npz"
 RESULTS = ROOT / "docs" / "benchmarks" / "hubbard_uv.json"
-PARITY = ROOT / "docs" / "benchmarks" / "hubbard_uv_parity.png"
-#: Unstrained lattice constants (Angstrom) of the label-generation runs (benchmarks/hubbard_labels_generate.py).
-from hubbard_labels_generate import A0  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+#: Model sizes among which the selection picks (``--sizes``); overrides of ``SMALL_HUBBARD_CONFIG``.
+SIZES = {
+    "tiny": {"num_layers": 1, "hidden_irreps": "8x0e + 2x1o + 2x1e + 2x2e", "radial_hidden": [8, 8], "readout_product_mul": 2},
+    "small": {},
+    "medium": {"hidden_irreps": "32x0e + 8x1o + 8x1e + 8x2e + 4x2o", "radial_hidden": [32, 32], "readout_product_mul": 8},
+}
 
 
 # ============================================================================ harvest (AiiDA)
@@ -61,8 +79,7 @@ def _existing_occupations(retrieved):
 
 
 def scf_diagnostics(scf) -> dict:
-    """Scalars of the pw.x scf that hp.x perturbed (stored in ``Sample.info``; see
-    ``aiida_eqml.calculations.functions.harvest.scf_diagnostics`` and ``hubbard_label_issues``)."""
+    """Scalars of the pw.x scf that hp.x perturbed (``aiida_eqml.calculations.functions.harvest.scf_diagnostics``)."""
     from aiida_eqml.calculations.functions.harvest import scf_diagnostics as diagnostics
 
     try:
@@ -77,9 +94,14 @@ def scf_diagnostics(scf) -> dict:
 
 
 def harvest(profile: str, output: Path) -> None:
+    """The older strain-path record (``docs/benchmarks/hubbard_labels.npz``) from the dev profile's loops. The
+    campaign's labels are exported per cell by ``benchmarks/hubbard_campaign.py`` instead."""
     from aiida import load_profile, orm
 
     load_profile(profile)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from hubbard_labels_generate import A0
+
     from aiida_eqml.calculations.functions.harvest import harvest_hubbard_labels
     from aiida_eqml.calculations.functions.occupations import extract_occupations
     from aiida_eqml.workflows.labels.hubbard import HubbardLabelsWorkChain
@@ -89,7 +111,6 @@ def harvest(profile: str, output: Path) -> None:
     )
     labels, rows, diagnostics = {}, [], {}
     for (loop,) in sorted(query.all(), key=lambda row: row[0].pk):
-        # Unfinished loops count too: each finished hp.x iteration is a complete label.
         for iteration, hp_node in HubbardLabelsWorkChain.finished_hp_iterations(loop):
             scf = hp_node.inputs.hp.parent_scf.creator
             structure = scf.inputs.structure
@@ -102,8 +123,7 @@ def harvest(profile: str, output: Path) -> None:
                 occupations = result["occupations"]
             tm = next(kind.symbol for kind in structure.kinds if kind.symbol != "O")
             order = "afm" if len(structure.sites) == 4 else "fm"
-            a = _rocksalt_a(structure)
-            key = f"{tm}O_{order}_a{round(a * 1000):d}_pk{loop.pk}_iter{iteration:02d}"
+            key = f"{tm}O_{order}_a{round(_rocksalt_a(structure) * 1000):d}_pk{loop.pk}_iter{iteration:02d}"
             labels[f"{key}_structure"] = structure
             labels[f"{key}_occupations"] = occupations
             labels[f"{key}_hubbard"] = hp_node.outputs.hubbard_structure
@@ -113,7 +133,6 @@ def harvest(profile: str, output: Path) -> None:
         raise SystemExit("no finished hp.x iteration in this profile")
     node = harvest_hubbard_labels(**labels)
     dataset = node.get_dataset()
-    # Benchmark metadata the split needs (composition, magnetic order, strain, loop / iteration).
     for sample in dataset.samples:
         name = sample.info["name"]
         tm, order, a_milli, pk, iteration = name.split("_")
@@ -127,261 +146,416 @@ def harvest(profile: str, output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     dataset.save(output)
     print(f"{len(dataset)} hp.x labels from {len({r[1] for r in rows})} loops -> {output} (eqml.dataset pk {node.pk})")
-    print(f"  {'sample':40s} {'ecut':>4s} {'occ':5s} {'conv':4s} {'steps':>5s} {'M':>6s} {'|M|':>5s} {'N_up':>6s} {'N_dn':>6s}"
-          f" {'gap_up':>6s} {'gap_dn':>6s} {'d_up':>5s} {'d_dn':>5s} {'U_scf':>6s} {'U_hp':>6s}")
-    for s in dataset.samples:
-        u = s.node_targets["hubbard_u"][:, 0]
-        i, d = s.info, s.node_attrs["occupations"][0]
-        print(f"  {i['name']:40s} {i['ecutwfc']:4.0f} {i['occupations'][:5]:5s} {str(i['scf_converged']):4s} {i['scf_steps']:5d}"
-              f" {i['total_magnetization']:6.2f} {i['absolute_magnetization']:5.2f} {i['electrons_up']:6.2f} {i['electrons_down']:6.2f}"
-              f" {i['band_gap_up_ev']:6.2f} {i['band_gap_down_ev']:6.2f} {np.trace(d[0]):5.2f} {np.trace(d[1]):5.2f}"
-              f" {s.node_attrs['hubbard_u_scf'][0]:6.3f} {u[0]:6.3f}")
 
 
-# ============================================================================ train (pure ML)
-def structure_key(sample) -> tuple:
-    return (sample.info["element"], sample.info["order"], sample.info["strain"])
+# ============================================================================ labels
+def load_labels(paths) -> tuple:
+    """One record from ``paths`` (npz files or directories of them; default: the campaign's per-cell files), merged
+    as ``hubbard_campaign.py merge`` does (samples in file-name order, target specs united). Returns
+    ``(record, [files])``."""
+    from aiida_eqml.ml.dataset import Dataset
+
+    files = []
+    for path in paths or [CAMPAIGN]:
+        path = Path(path)
+        files += sorted(path.glob("*.npz")) if path.is_dir() else [path]
+    if not files:
+        raise SystemExit(f"no label files in {paths or [CAMPAIGN]}")
+    records = [Dataset.load(f) for f in files]
+    specs = {}
+    for record in records:
+        specs.update(record.target_specs)
+    return Dataset([s for r in records for s in r.samples], specs), files
 
 
-def choose_split(record, test_strains, val_fraction: float, seed: int) -> dict:
-    """Test: every sample (all iterations) of the structures with a strain in ``test_strains``;
-    validation: a seeded fraction of the remaining *structures*; train: the rest."""
-    structures = sorted({structure_key(s) for s in record.samples})
-    test = {k for k in structures if any(abs(k[2] - t) < 1e-3 for t in test_strains)}
-    rest = [k for k in structures if k not in test]
-    rng = np.random.default_rng(seed)
-    n_val = int(round(val_fraction * len(rest)))
-    val = {rest[i] for i in rng.permutation(len(rest))[:n_val]}
-    split = {"train": [], "val": [], "test": []}
-    for index, s in enumerate(record.samples):
-        key = structure_key(s)
-        split["test" if key in test else "val" if key in val else "train"].append(index)
-    return split
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "benchmarks/hubbard_uv.py", "aiida_eqml/ml"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
-def site_rows(record, predictions, indices):
-    """One row per Hubbard site with a hp.x label: (sample, atom, truth, mean, std, U_scf, element)."""
-    rows = []
-    for i in indices:
-        s = record.samples[i]
-        truth = s.node_targets["hubbard_u"][:, 0]
-        mean, std = predictions[i]["hubbard_u"]
-        for atom in np.flatnonzero(np.isfinite(truth)):
-            rows.append({
-                "sample": s.info["name"], "atom": int(atom), "element": s.info["element"], "order": s.info["order"],
-                "strain": s.info["strain"], "iteration": s.info["iteration"],
-                "u_scf": float(s.node_attrs["hubbard_u_scf"][atom]), "u_hp": float(truth[atom]),
-                "u_pred": float(mean[atom]), "u_std": float(std[atom]),
-            })
-    return rows
+# ============================================================================ training (pure ML)
+class Trainer:
+    """Trains one model on a subset of the usable samples and predicts U / V rows of others. Descriptors are built
+    once for the whole record with fixed slots, so every split reads the occupations the same way."""
+
+    def __init__(self, record, args):
+        import ase.data
+
+        from aiida_eqml.ml.hubbard.records import hubbard_training_dataset, record_manifolds
+
+        self.record = record
+        self.args = args
+        self.manifold_ls, self.pair_ls = record_manifolds(record)
+        self.descriptors, self.attrs = hubbard_training_dataset(record, self.manifold_ls, self.pair_ls)
+        self.species = [ase.data.chemical_symbols[z] for z in record.atomic_numbers]
+        self.seconds = 0.0
+        self.runs = 0
+
+    def fit(self, indices, candidate: dict, seed: int):
+        from aiida_eqml.ml.hubbard.models import hubbard_model_config
+        from aiida_eqml.ml.training import train
+
+        subset = self.descriptors.subset(indices)
+        has_v = any("hubbard_v" in s.edge_targets and np.isfinite(s.edge_targets["hubbard_v"].values).any()
+                    for s in subset.samples)
+        model = hubbard_model_config(self.species, self.attrs, cutoff=self.args.cutoff, predict_u=True,
+                                     predict_v=has_v and bool(self.pair_ls), **SIZES[candidate["size"]])
+        config = {
+            "model": model, "epochs": int(candidate["epochs"]), "batch_size": min(self.args.batch_size, len(subset)),
+            "split": {"train": list(range(len(subset))), "val": [], "test": []}, "seed": int(seed),
+            "optimizer": {"learning_rate": self.args.learning_rate, "schedule": "cosine", "decay_rate": 0.02,
+                          "warmup_epochs": min(10, max(0, int(candidate["epochs"]) // 10))},
+            "early_stopping": {"patience": 0}, "progress": False,
+        }
+        t0 = time.time()
+        result = train(subset, config, None)
+        self.seconds += time.time() - t0
+        self.runs += 1
+        return result
+
+    def predict(self, result, rows) -> dict:
+        """``{(sample, kind, key): prediction}`` for the rows."""
+        from aiida_eqml.ml.hubbard.models import predict_hubbard
+
+        samples = sorted({r["sample"] for r in rows})
+        if not samples:
+            return {}
+        out = predict_hubbard(result.model, result.params, self.descriptors.subset(samples))
+        values = {}
+        for index, entry in zip(samples, out):
+            if "hubbard_u" in entry:
+                for atom, value in enumerate(np.asarray(entry["hubbard_u"]).reshape(-1)):
+                    values[(index, "U", (atom,))] = float(value)
+            if "hubbard_v" in entry:
+                keys, v = entry["hubbard_v"]
+                for key, value in zip(np.asarray(keys).tolist(), np.asarray(v).reshape(-1)):
+                    values[(index, "V", tuple(int(x) for x in key))] = float(value)
+        return {(r["sample"], r["kind"], r["key"]): values.get((r["sample"], r["kind"], r["key"]), float("nan")) for r in rows}
 
 
-def add_baselines(table: dict) -> None:
-    """Two baselines fitted on the training sites only, written into every row:
+def _score(rows, predictions) -> dict:
+    from aiida_eqml.ml.hubbard.evaluation import errors
 
-    * ``u_baseline``: the per-element mean U (what the model's normalisation shift alone gives);
-    * ``u_linear_baseline``: per (element, magnetic order) a straight line U(a/a0) through the
-      training strains (the mean where the training set has one strain only).
-    """
-    train_rows = table["train"]
-    mean_by_element = {el: float(np.mean([r["u_hp"] for r in train_rows if r["element"] == el]))
-                       for el in {r["element"] for r in train_rows}}
-    lines = {}
-    for key in {(r["element"], r["order"]) for r in train_rows}:
-        x = np.array([r["strain"] for r in train_rows if (r["element"], r["order"]) == key])
-        y = np.array([r["u_hp"] for r in train_rows if (r["element"], r["order"]) == key])
-        lines[key] = np.polyfit(x, y, 1) if len(set(x.tolist())) > 1 else np.array([0.0, float(np.mean(y))])
-    for rows in table.values():
-        for r in rows:
-            r["u_baseline"] = mean_by_element.get(r["element"], float("nan"))
-            line = lines.get((r["element"], r["order"]))
-            r["u_linear_baseline"] = float(np.polyval(line, r["strain"])) if line is not None else r["u_baseline"]
+    out = {}
+    for kind in ("U", "V"):
+        sel = [r for r in rows if r["kind"] == kind]
+        out[kind] = errors([r["truth"] for r in sel], [predictions[(r["sample"], r["kind"], r["key"])] for r in sel])
+    return out
 
 
-def errors(rows, key="u_pred") -> dict:
-    if not rows:
-        return {}
-    truth = np.array([r["u_hp"] for r in rows])
-    pred = np.array([r[key] for r in rows])
-    return {
-        "n_sites": len(rows),
-        "mae_ev": float(np.mean(np.abs(pred - truth))),
-        "rmse_ev": float(np.sqrt(np.mean((pred - truth) ** 2))),
-        "max_abs_ev": float(np.max(np.abs(pred - truth))),
-        "mare_percent": float(100 * np.mean(np.abs(pred - truth) / np.abs(truth))),
-    }
+def _selection_score(score) -> float:
+    values = [score[k]["mare"] for k in ("U", "V") if score[k]["mare"] is not None and np.isfinite(score[k]["mare"])]
+    return float(np.mean(values)) if values else float("inf")
 
 
-def parity_plot(table: dict, path: Path) -> None:
+def _baselines(train_rows, test_rows) -> dict:
+    from aiida_eqml.ml.hubbard.evaluation import BASELINES, pooled_errors
+
+    out = {}
+    for name, make in BASELINES.items():
+        predict = make(train_rows)
+        for r in test_rows:
+            r[f"baseline_{name}"] = predict(r)
+        pooled = pooled_errors(test_rows, f"baseline_{name}")
+        out[name] = {"mae_u": pooled["U"]["mae"], "mare_u": pooled["U"]["mare"],
+                     "mae_v": pooled["V"]["mae"], "mare_v": pooled["V"]["mare"]}
+    return out
+
+
+def _stats(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return float(np.mean(values)), float(np.std(values))
+
+
+def evaluate_material(trainer, split, flags, candidates, seeds, args) -> tuple[dict, list[dict]]:
+    """Selection, final training over seeds, scores and baselines for one held-out material."""
+    from aiida_eqml.ml.hubbard.evaluation import label_table, validation_split
+
+    record = trainer.record
+    material = split["material"]
+    train_rows = label_table(record, split["train"], flags)
+    test_rows = label_table(record, split["test"], flags)
+    fit, val, unit = validation_split(record, split["train"], args.val_fraction, seed=args.seed)
+    selection = {"validation_unit": unit, "n_fit_samples": len(fit), "n_val_samples": len(val), "candidates": []}
+    if len(candidates) > 1 and val:
+        val_rows = label_table(record, val, flags)
+        for candidate in candidates:
+            result = trainer.fit(fit, candidate, seeds[0])
+            score = _score(val_rows, trainer.predict(result, val_rows))
+            selection["candidates"].append({**candidate, "val_mare_u": score["U"]["mare"], "val_mare_v": score["V"]["mare"],
+                                            "val_mae_u": score["U"]["mae"], "val_mae_v": score["V"]["mae"]})
+        chosen = min(range(len(candidates)), key=lambda k: _selection_score(
+            {"U": {"mare": selection["candidates"][k]["val_mare_u"]}, "V": {"mare": selection["candidates"][k]["val_mare_v"]}}))
+    else:
+        chosen = 0
+        selection["note"] = "one candidate" if len(candidates) == 1 else "no validation split possible: first candidate"
+    candidate = candidates[chosen]
+    selection["chosen"] = candidate
+
+    per_seed, committee = [], {}
+    for seed in seeds:
+        result = trainer.fit(split["train"], candidate, seed)
+        predictions = trainer.predict(result, test_rows)
+        per_seed.append(_score(test_rows, predictions))
+        for key, value in predictions.items():
+            committee.setdefault(key, []).append(value)
+    for r in test_rows:
+        values = committee[(r["sample"], r["kind"], r["key"])]
+        r["pred"], r["pred_std"] = float(np.mean(values)), float(np.std(values))
+    committee_score = _score(test_rows, {k: float(np.mean(v)) for k, v in committee.items()})
+
+    train_elements = {r["group"] for r in train_rows}
+    entry = {"material": material, "n_test": len(split["test"]),
+             "n_test_u": committee_score["U"]["n"], "n_test_v": committee_score["V"]["n"],
+             "n_train_samples": len(split["train"]),
+             "unseen_groups": sorted({r["group"] for r in test_rows} - train_elements)}
+    for kind, low in (("U", "u"), ("V", "v")):
+        for metric in ("mae", "mare"):
+            mean, std = _stats([s[kind][metric] for s in per_seed])
+            entry[f"{metric}_{low}"], entry[f"{metric}_{low}_std"] = mean, std
+        entry[f"committee_mae_{low}"] = committee_score[kind]["mae"]
+        entry[f"committee_mare_{low}"] = committee_score[kind]["mare"]
+    entry["per_seed"] = [{"seed": s, **{f"{m}_{k.lower()}": sc[k][m] for k in ("U", "V") for m in ("mae", "mare")}}
+                         for s, sc in zip(seeds, per_seed)]
+    entry["baselines"] = _baselines(train_rows, test_rows)
+    entry["selection"] = selection
+    entry["per_seed_scores"] = per_seed  # pooled over materials in the summary
+    return entry, test_rows
+
+
+def learning_curve(trainer, splits, flags, chosen, sizes, args) -> list[dict]:
+    """Per number k of training materials: model and baseline MARE on each held-out material, training on k others
+    drawn at random (seeded), first seed, the candidate selected for that material in the main evaluation."""
+    from aiida_eqml.ml.hubbard.evaluation import label_table, material_of, pooled_errors
+
+    record = trainer.record
+    points = []
+    for k in sizes:
+        rows_all = []
+        for split in splits:
+            others = sorted({material_of(record.samples[i]) for i in split["train"]})
+            if k > len(others):
+                continue
+            rng = np.random.default_rng([args.seed, k, len(rows_all)])
+            picked = {others[j] for j in rng.permutation(len(others))[:k]}
+            train = [i for i in split["train"] if material_of(record.samples[i]) in picked]
+            train_rows, test_rows = label_table(record, train, flags), label_table(record, split["test"], flags)
+            result = trainer.fit(train, chosen[split["material"]], args.seed)
+            predictions = trainer.predict(result, test_rows)
+            for r in test_rows:
+                r["pred"] = predictions[(r["sample"], r["kind"], r["key"])]
+            _baselines(train_rows, test_rows)
+            rows_all += test_rows
+        if not rows_all:
+            continue
+        point = {"n_train_materials": int(k), "n_held_out_labels": len(rows_all)}
+        for field, name in (("pred", "model"), ("baseline_element_mean", "element_mean"),
+                            ("baseline_occupation_linear", "occupation_linear"),
+                            ("baseline_previous_iteration", "previous_iteration")):
+            pooled = pooled_errors(rows_all, field)
+            point[name] = {"mare_u": pooled["U"]["mare"], "mare_v": pooled["V"]["mare"],
+                           "mae_u": pooled["U"]["mae"], "mae_v": pooled["V"]["mae"]}
+        points.append(point)
+        print(f"  learning curve: {k} training materials: model MARE U {point['model']['mare_u']}", flush=True)
+    return points
+
+
+# ============================================================================ plots
+def parity_plot(rows, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.2, 5))
-    colors = {"Ni": "tab:green", "Mn": "tab:purple", "Co": "tab:blue", "Fe": "tab:red"}
-    for subset, marker, filled in (("train", "o", False), ("val", "s", False), ("test", "D", True)):
-        for r in table.get(subset, []):
-            c = colors.get(r["element"], "k")
-            ax.errorbar(r["u_hp"], r["u_pred"], yerr=r["u_std"], fmt=marker, ms=6 if filled else 5,
-                        mfc=c if filled else "none", mec=c, ecolor=c, alpha=0.85)
-    allv = [r[k] for rows in table.values() for r in rows for k in ("u_hp", "u_pred")]
-    lo, hi = min(allv) - 0.3, max(allv) + 0.3
-    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-    present = {r["element"] for rows in table.values() for r in rows}
-    for el, c in colors.items():
-        if el in present:
-            ax.plot([], [], "o", color=c, label=el)
-    ax.plot([], [], "o", mfc="none", mec="k", label="train (open)")
-    ax.plot([], [], "D", color="k", label="held-out (filled)")
-    ax.set_xlim(lo, hi), ax.set_ylim(lo, hi)
-    ax.set_xlabel("U from hp.x (eV)")
-    ax.set_ylabel("U predicted, ensemble mean +- std (eV)")
-    ax.set_title("Hubbard U of TM 3d in strained rock-salt monoxides")
-    ax.legend(fontsize=8, loc="upper left")
+    kinds = [k for k in ("U", "V") if any(r["kind"] == k for r in rows)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 5), squeeze=False)
+    materials = sorted({r["material"] for r in rows})
+    colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(materials)}
+    for ax, kind in zip(axes[0], kinds):
+        sel = [r for r in rows if r["kind"] == kind]
+        for m in materials:
+            pts = [r for r in sel if r["material"] == m]
+            if pts:
+                ax.errorbar([r["truth"] for r in pts], [r["pred"] for r in pts], yerr=[r["pred_std"] for r in pts],
+                            fmt="o", ms=4, color=colors[m], label=m, alpha=0.85)
+        values = [r[k] for r in sel for k in ("truth", "pred") if np.isfinite(r[k])]
+        lo, hi = min(values) - 0.2, max(values) + 0.2
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_xlim(lo, hi), ax.set_ylim(lo, hi)
+        ax.set_xlabel(f"{kind} from hp.x (eV)")
+        ax.set_ylabel(f"{kind} predicted, held-out material (seed mean +- std, eV)")
+        ax.set_title(f"{title}: {kind}")
+        ax.legend(fontsize=6, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
-#: ``--quality-filter`` choices -> ``hubbard_label_issues`` criteria (None: no filter).
-QUALITY_FILTERS = {
-    "none": None,
-    "insulating": {"channels": "both"},
-    "majority-gap": {"channels": "majority"},
-}
+def learning_curve_plot(points, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in ("u", "v") if any(p["model"][f"mare_{k}"] is not None for p in points)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 4), squeeze=False)
+    x = [p["n_train_materials"] for p in points]
+    for ax, kind in zip(axes[0], kinds):
+        for name, style in (("model", "o-"), ("element_mean", "s--"), ("occupation_linear", "^--"), ("previous_iteration", "v:")):
+            y = [100 * p[name][f"mare_{kind}"] if p[name][f"mare_{kind}"] is not None else np.nan for p in points]
+            ax.plot(x, y, style, label=name)
+        ax.set_xlabel("training materials")
+        ax.set_ylabel(f"MARE {kind.upper()} on the held-out material (%)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
-def select_labels(record, args):
-    """Apply ``--ecutwfc`` (labels of one DFT setting only) and ``--quality-filter`` (physics of the scf
-    hp.x perturbed, see ``hubbard_label_issues``; never the U label). Returns (kept record, report)."""
-    from aiida_eqml.ml.hubbard.records import filter_hubbard_record
+# ============================================================================ evaluate
+def run_evaluation(args) -> dict:
+    from aiida_eqml.ml.hubbard.evaluation import label_flags, label_table, material_of, material_splits, pooled_errors
+    from aiida_eqml.ml.hubbard.protocol import record_protocol
 
-    report = {"n_harvested": len(record), "ecutwfc": args.ecutwfc, "quality_filter": args.quality_filter,
-              "min_gap_ev": args.min_gap, "removed": {}}
-    if args.ecutwfc is not None:
-        keep = [i for i, s in enumerate(record.samples) if abs(s.info.get("ecutwfc", -1) - args.ecutwfc) < 1e-6]
-        for i, s in enumerate(record.samples):
-            if i not in keep:
-                report["removed"][s.info["name"]] = [f"ecutwfc {s.info.get('ecutwfc')} Ry, not {args.ecutwfc:g}"]
-        record = record.subset(keep)
-    criteria = QUALITY_FILTERS[args.quality_filter]
-    if criteria is not None:
-        record, removed = filter_hubbard_record(record, min_gap_ev=args.min_gap, **criteria)
-        report["removed"].update(removed)
-    report["n_kept"] = len(record)
-    if not len(record):
-        raise SystemExit("every label was removed by the selection")
-    print(f"{report['n_kept']} of {report['n_harvested']} labels kept (ecutwfc={args.ecutwfc}, "
-          f"quality filter {args.quality_filter!r}, min gap {args.min_gap} eV)")
-    for name, issues in report["removed"].items():
-        print(f"  removed {name:40s} {'; '.join(issues)}")
-    return record, report
+    t_start = time.time()
+    record, files = load_labels(args.labels)
+    if args.ecutwfc is not None:  # an old record of two cutoffs: keep one DFT setting
+        record = record.subset([i for i, s in enumerate(record.samples) if abs(s.info.get("ecutwfc", -1) - args.ecutwfc) < 1e-6])
+    protocol = record_protocol(record)
+    flags = label_flags(record, min_gap_ev=args.min_gap)
+    usable_rows = label_table(record, None, flags)
+    all_materials = sorted({material_of(s) for s in record.samples})
+    splits = material_splits(record, flags, args.materials)
+    usable_materials = sorted({r["material"] for r in usable_rows})
+    print(f"{len(record)} samples from {len(files)} files, {len(flags)} flagged by the quality filter; "
+          f"{sum(r['kind'] == 'U' for r in usable_rows)} U and {sum(r['kind'] == 'V' for r in usable_rows)} V labels usable; "
+          f"materials {usable_materials}", flush=True)
+    if len(usable_materials) < 2:
+        raise SystemExit("leave-one-material-out needs at least two materials with usable labels")
+    candidates = [{"size": size, "epochs": int(epochs)} for size in args.sizes for epochs in args.epochs]
+    seeds = [args.seed + k for k in range(args.seeds)]
+    trainer = Trainer(record, args)
 
+    entries, held_out_rows, chosen = [], [], {}
+    for split in splits:
+        if not split["train"]:
+            continue
+        t0 = time.time()
+        entry, rows = evaluate_material(trainer, split, flags, candidates, seeds, args)
+        entry["seconds"] = time.time() - t0
+        chosen[split["material"]] = entry["selection"]["chosen"]
+        entries.append(entry)
+        held_out_rows += rows
+        print(f"{entry['material']:28s} n_test {entry['n_test']:3d}  U MAE {entry['mae_u']} MARE {entry['mare_u']}"
+              f"  V MARE {entry['mare_v']}  baselines U MARE "
+              + " ".join(f"{k}={v['mare_u']}" for k, v in entry["baselines"].items())
+              + f"  ({entry['seconds']:.0f} s, {entry['selection']['chosen']})", flush=True)
 
-def run_training(args) -> None:
-    from aiida_eqml.ml.dataset import Dataset
-    from aiida_eqml.ml.hubbard.ensemble import train_ensemble
-    from aiida_eqml.ml.hubbard.models import hubbard_model_config
-    from aiida_eqml.ml.hubbard.records import hubbard_training_dataset
+    # Pooled over every held-out label; seed spread of the pooled MARE from the per-seed pooled errors.
+    summary = {}
+    for kind, low in (("U", "u"), ("V", "v")):
+        sel = [r for r in held_out_rows if r["kind"] == kind]
+        per_seed = []
+        for k in range(len(seeds)):
+            # per-material per-seed MAREs weighted by label counts = the pooled per-seed MARE
+            num = sum(e["per_seed_scores"][k][kind]["mare"] * e["per_seed_scores"][k][kind]["n"]
+                      for e in entries if e["per_seed_scores"][k][kind]["n"])
+            den = sum(e["per_seed_scores"][k][kind]["n"] for e in entries)
+            per_seed.append(num / den if den else None)
+        summary[f"mare_{low}"], summary[f"mare_{low}_std"] = _stats(per_seed)
+        summary[f"committee_mare_{low}"] = pooled_errors(held_out_rows, "pred")[kind]["mare"]
+        summary[f"mae_{low}_committee"] = pooled_errors(held_out_rows, "pred")[kind]["mae"]
+        baselines = {name: pooled_errors(held_out_rows, f"baseline_{name}")[kind]["mare"] for name in
+                     ("element_mean", "previous_iteration", "occupation_linear")} if sel else {}
+        summary[f"baselines_mare_{low}"] = baselines
+        finite = {k: v for k, v in baselines.items() if v is not None}
+        summary[f"mare_{low}_best_baseline"] = min(finite.values()) if finite else None
+        summary[f"best_baseline_{low}"] = min(finite, key=finite.get) if finite else None
+        summary[f"n_held_out_{low}"] = len(sel)
+    summary["material_mean_mare_u"] = _stats([e["mare_u"] for e in entries])[0]
+    summary["material_mean_mare_v"] = _stats([e["mare_v"] for e in entries])[0]
+    for e in entries:
+        e.pop("per_seed_scores")
 
-    full = Dataset.load(args.labels)
-    record, selection = select_labels(full, args)
-    dataset, attrs = hubbard_training_dataset(record)
-    split = choose_split(record, args.test_strains, args.val_fraction, args.seed)
-    if not split["test"]:
-        raise SystemExit(f"no structure with strain in {args.test_strains}: nothing held out")
-    species = sorted({s.info["element"] for s in record.samples}) + ["O"]
-    model_config = hubbard_model_config(species, attrs, cutoff=args.cutoff, predict_v=False)
-    config = {
-        "model": model_config,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "split": split,
-        "seed": args.seed,
-        "optimizer": {"learning_rate": args.learning_rate, "schedule": "cosine", "decay_rate": 0.02, "warmup_epochs": 10},
-        "early_stopping": {"patience": 0},
-        "progress": False,
-    }
-    t0 = time.time()
-    ensemble, runs = train_ensemble(dataset, config, num_members=args.members, out_dir=None)
-    train_seconds = time.time() - t0
-    predictions = ensemble.predict(dataset)
-    table = {k: site_rows(record, predictions, split[k]) for k in ("train", "val", "test")}
+    curve = []
+    if args.learning_curve != ["none"]:
+        max_k = len(usable_materials) - 1
+        ks = sorted({int(k) for k in args.learning_curve if int(k) <= max_k}) if args.learning_curve != ["auto"] else \
+            sorted({k for k in (1, 2, 3, 4, 6, 8, 12, 16, 24) if k < max_k} | {max_k})
+        curve = learning_curve(trainer, [s for s in splits if s["train"]], flags, chosen, ks, args)
 
-    add_baselines(table)
-    metrics = {k: {"model": errors(rows), "element_mean_baseline": errors(rows, "u_baseline"),
-                   "element_strain_linear_baseline": errors(rows, "u_linear_baseline"),
-                   "mean_ensemble_std_ev": float(np.mean([r["u_std"] for r in rows])) if rows else None}
-               for k, rows in table.items()}
-    members = [{"seed": m["seed"], "final_train_loss": run.history[-1]["train_loss"]} for m, run in zip(ensemble.metadata, runs)]
-
-    print(f"\n{len(record)} hp.x labels ({sum(len(v) for v in table.values())} Hubbard sites), "
-          f"{len(split['train'])}/{len(split['val'])}/{len(split['test'])} train/val/test samples, "
-          f"held-out strains {args.test_strains}; {args.members} members x {args.epochs} epochs in {train_seconds:.0f} s")
-    print(f"{'subset':6s} {'sites':>5s} {'MAE eV':>8s} {'RMSE eV':>8s} {'MARE %':>7s} {'std eV':>7s} | {'baseline MAE':>12s} {'MARE %':>7s}")
-    for k in ("train", "val", "test"):
-        m, b, lb = (metrics[k][x] for x in ("model", "element_mean_baseline", "element_strain_linear_baseline"))
-        if m:
-            print(f"{k:6s} {m['n_sites']:5d} {m['mae_ev']:8.3f} {m['rmse_ev']:8.3f} {m['mare_percent']:7.2f} "
-                  f"{metrics[k]['mean_ensemble_std_ev']:7.3f} | {b['mae_ev']:12.3f} {b['mare_percent']:7.2f}"
-                  f" | linear-in-strain {lb['mae_ev']:.3f} eV {lb['mare_percent']:.2f} %")
-    print("\nheld-out sites:")
-    print(f"{'sample':40s} {'U_scf':>6s} {'U_hp':>6s} {'pred':>6s} {'std':>5s} {'base':>6s} {'linear':>6s}")
-    for r in table["test"]:
-        print(f"{r['sample']:40s} {r['u_scf']:6.3f} {r['u_hp']:6.3f} {r['u_pred']:6.3f} {r['u_std']:5.3f} {r['u_baseline']:6.3f} {r['u_linear_baseline']:6.3f}")
-
-    out = {
-        "description": "Hubbard U (TM 3d) from real hp.x labels (QE 7.2 via qepy, aiida-hubbard SelfConsistentHubbardWorkChain,"
-        " see selection for which labels); ensemble of independently seeded small NequIP models on occupation descriptors",
-        "labels_file": os.path.relpath(args.labels, ROOT),
+    out_path = Path(args.out)
+    stem = out_path.with_suffix("")
+    plots = {"parity": f"{stem}_parity.png", "learning_curve": f"{stem}_learning_curve.png" if curve else None}
+    result = {
+        "description": "Hubbard U/V from hp.x labels: leave-one-material-out evaluation of an E(3)-equivariant model "
+                       "on occupation-matrix descriptors against three baselines (benchmarks/hubbard_uv.py)",
+        "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+        "commit": git_commit(),
+        "protocol": protocol or {},
+        "label_files": [os.path.relpath(f, ROOT) if str(f).startswith(str(ROOT)) else str(f) for f in files],
         "n_samples": len(record),
-        "selection": selection,
-        "split": {k: [record.samples[i].info["name"] for i in v] for k, v in split.items()},
-        "test_strains": list(args.test_strains),
-        "model_config": model_config,
-        "training": {k: config[k] for k in ("epochs", "batch_size", "optimizer", "seed")},
-        "members": members,
-        "train_seconds": train_seconds,
-        "metrics": metrics,
-        "sites": table,
+        "n_labels": {"U": sum(r["kind"] == "U" for r in usable_rows), "V": sum(r["kind"] == "V" for r in usable_rows)},
+        "quality_filter": {"criteria": {"require_converged": True, "min_gap_ev": args.min_gap, "channels": "both"},
+                           "n_flagged": len(flags),
+                           "flagged": {record.samples[i].info.get("name", str(i)): issues for i, issues in flags.items()}},
+        "materials": usable_materials,
+        "materials_all": all_materials,
+        "settings": {"seeds": seeds, "candidates": candidates, "val_fraction": args.val_fraction, "cutoff": args.cutoff,
+                     "learning_rate": args.learning_rate, "batch_size": args.batch_size, "sizes": {k: SIZES[k] for k in args.sizes},
+                     "ecutwfc": args.ecutwfc},
+        "leave_one_material_out": entries,
+        "summary": summary,
+        "learning_curve": curve,
+        "held_out_labels": [{k: (list(v) if k == "key" else v) for k, v in r.items()} for r in held_out_rows],
+        "plots": {k: (os.path.relpath(v, ROOT) if v and str(Path(v).resolve()).startswith(str(ROOT)) else v) for k, v in plots.items()},
+        "timing": {"train_runs": trainer.runs, "train_seconds": trainer.seconds, "wall_seconds": time.time() - t_start},
     }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(out, indent=1))
-    parity_plot(table, args.plot)
-    if args.save_ensemble:
-        ensemble.save(args.save_ensemble, metadata={"labels": out["labels_file"]})
-    print(f"\nwrote {args.results} and {args.plot}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    parity_plot(held_out_rows, Path(plots["parity"]), "held-out materials")
+    if curve:
+        learning_curve_plot(curve, Path(plots["learning_curve"]))
+    print(f"\nsummary: MARE U {summary['mare_u']} (best baseline {summary['best_baseline_u']} {summary['mare_u_best_baseline']}),"
+          f" MARE V {summary['mare_v']} (best baseline {summary['best_baseline_v']} {summary['mare_v_best_baseline']})")
+    print(f"wrote {out_path}, {plots['parity']}" + (f", {plots['learning_curve']}" if curve else ""))
+    return result
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    h = sub.add_parser("harvest", help="AiiDA profile -> Hubbard dataset record (.npz)")
+    h = sub.add_parser("harvest", help="AiiDA profile -> the older strain-path record (.npz)")
     h.add_argument("--profile", default="eqml-dev")
     h.add_argument("--output", type=Path, default=LABELS)
-    t = sub.add_parser("train", help="train the ensemble and write the benchmark files")
-    t.add_argument("--labels", type=Path, default=LABELS)
-    t.add_argument("--results", type=Path, default=RESULTS)
-    t.add_argument("--plot", type=Path, default=PARITY)
-    t.add_argument("--test-strains", type=float, nargs="+", default=[0.98, 1.02])
-    t.add_argument("--ecutwfc", type=float, default=None, help="keep only labels computed at this cutoff (Ry)")
-    t.add_argument("--quality-filter", choices=sorted(QUALITY_FILTERS), default="none",
-                   help="drop labels whose perturbed scf is metallic in either spin channel (insulating) "
-                        "or in the majority channel (majority-gap); default: keep all")
-    t.add_argument("--min-gap", type=float, default=0.0, help="band gap (eV) the quality filter requires")
-    t.add_argument("--val-fraction", type=float, default=0.0)
-    t.add_argument("--members", type=int, default=4)
-    t.add_argument("--epochs", type=int, default=600)
-    t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--learning-rate", type=float, default=5e-3)
-    t.add_argument("--cutoff", type=float, default=4.0)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--save-ensemble", type=Path, default=None)
+    e = sub.add_parser("evaluate", help="leave-one-material-out evaluation -> json + plots")
+    e.add_argument("--labels", nargs="+", default=None, help=f"npz files or directories (default {os.path.relpath(CAMPAIGN, ROOT)})")
+    e.add_argument("--out", default=str(RESULTS))
+    e.add_argument("--materials", nargs="+", default=None, help="hold out only these materials (training uses all others)")
+    e.add_argument("--seeds", type=int, default=3)
+    e.add_argument("--seed", type=int, default=0, help="first seed (also of the validation and learning-curve draws)")
+    e.add_argument("--epochs", type=int, nargs="+", default=[300, 600], help="candidate epoch counts for the selection")
+    e.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "medium"], help="candidate model sizes")
+    e.add_argument("--val-fraction", type=float, default=0.25, help="fraction of the training materials for validation")
+    e.add_argument("--learning-curve", nargs="+", default=["auto"],
+                   help="numbers of training materials, 'auto' (1, 2, 4, ... all) or 'none'")
+    e.add_argument("--min-gap", type=float, default=0.0, help="band gap (eV) the quality filter requires per spin channel")
+    e.add_argument("--ecutwfc", type=float, default=None, help="keep only labels at this cutoff (Ry; older record)")
+    e.add_argument("--cutoff", type=float, default=4.0)
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--learning-rate", type=float, default=5e-3)
     args = parser.parse_args(argv)
     if args.command == "harvest":
         harvest(args.profile, args.output)
     else:
-        run_training(args)
+        run_evaluation(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,228 @@
+"""Pure functions of the Hubbard benchmark (``benchmarks/hubbard_uv.py``): materials, quality flags, label tables,
+leave-one-material-out splits, baselines and errors. No aiida, no training: numpy only, so they are tested cheaply.
+
+A *material* is a composition plus a structure type (and magnetic order), e.g. ``NiO-rocksalt-afm2``: the unit a
+leave-one-material-out evaluation holds out, all its strains and self-consistent iterations together.
+
+A *label table* is a list of rows, one per scored hp.x number::
+
+    {"kind": "U" | "V", "sample": index in the record, "key": (atom,) | (i, j, S1, S2, S3), "material": str,
+     "group": element ("Ni") for U, unordered element pair ("Ni-O") for V, "truth": eV (hp.x),
+     "scf": eV (the U / V the perturbed scf used: the previous iteration's value), "trace": tr n (on-site
+     occupation summed over spins; for V the sum over the two sites)}
+
+Only samples whose scf passes :func:`aiida_eqml.ml.hubbard.records.hubbard_label_issues` give rows: the others stay
+in the record, flagged (:func:`label_flags`), and are neither trained on nor scored.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import ase.data
+import numpy as np
+
+from .records import hubbard_label_issues
+
+__all__ = [
+    "material_of",
+    "cell_of",
+    "label_flags",
+    "label_table",
+    "material_splits",
+    "validation_split",
+    "element_mean_baseline",
+    "previous_iteration_baseline",
+    "occupation_linear_baseline",
+    "BASELINES",
+    "errors",
+    "pooled_errors",
+]
+
+
+# ----------------------------------------------------------------------------- materials
+def material_of(sample) -> str:
+    """``info['material']`` (campaign labels), else derived from the older strain-path record's info
+    (``element`` + ``order``: ``NiO-rocksalt-fm``; the 4-atom AFM cell is AFM-II: ``NiO-rocksalt-afm2``), else the
+    sample name without its ``_a<strain>...`` / ``_iter<k>`` tail."""
+    info = sample.info
+    if info.get("material"):
+        return str(info["material"])
+    if info.get("element") and info.get("order"):
+        order = {"afm": "afm2"}.get(str(info["order"]), str(info["order"]))
+        return f"{info['element']}O-rocksalt-{order}"
+    name = str(info.get("name", ""))
+    stem = re.split(r"_(?:a\d+|s\d+|iter\d+|pk\d+)", name)[0]
+    if stem:
+        return stem
+    return "".join(sorted({ase.data.chemical_symbols[z] for z in sample.numbers}))
+
+
+def cell_of(sample) -> str:
+    """The DFT cell (material x strain) a sample comes from: every iteration of one self-consistent loop."""
+    info = sample.info
+    if info.get("campaign_key"):
+        return str(info["campaign_key"])
+    if info.get("strain") is not None:
+        return f"{material_of(sample)}@{float(info['strain']):.3f}"
+    return re.sub(r"_iter\d+$", "", str(info.get("name", "")))
+
+
+def label_flags(record, **criteria) -> dict[int, list[str]]:
+    """``{sample index: issues}`` of the samples the quality filter rejects (empty issues are not listed).
+    ``criteria`` go to :func:`hubbard_label_issues`; a sample without scf diagnostics is flagged, not an error."""
+    flags = {}
+    for index, sample in enumerate(record.samples):
+        try:
+            issues = hubbard_label_issues({**sample.info, "name": sample.info.get("name", str(index))}, **criteria)
+        except ValueError as exc:
+            issues = [str(exc)]
+        if issues:
+            flags[index] = issues
+    return flags
+
+
+# ----------------------------------------------------------------------------- label table
+def _trace(occupations, atom: int) -> float:
+    return float(np.trace(np.asarray(occupations[atom]), axis1=-2, axis2=-1).sum())
+
+
+def label_table(record, indices: Iterable[int] | None = None, flags: Mapping[int, Any] | None = None) -> list[dict]:
+    """Rows (module docstring) of every finite U / V label of the samples ``indices`` (default: all) not in ``flags``."""
+    flags = flags or {}
+    rows = []
+    for index in range(len(record)) if indices is None else indices:
+        if index in flags:
+            continue
+        s = record.samples[index]
+        material = material_of(s)
+        symbols = [ase.data.chemical_symbols[z] for z in s.numbers]
+        occ = s.node_attrs["occupations"]
+        u_scf = np.asarray(s.node_attrs["hubbard_u_scf"], float).reshape(-1)
+        if "hubbard_u" in s.node_targets:
+            u = np.asarray(s.node_targets["hubbard_u"], float).reshape(len(s.numbers), -1)[:, 0]
+            for atom in np.flatnonzero(np.isfinite(u)):
+                rows.append({"kind": "U", "sample": int(index), "key": (int(atom),), "material": material,
+                             "group": symbols[atom], "truth": float(u[atom]), "scf": float(u_scf[atom]),
+                             "trace": _trace(occ, atom)})
+        if "hubbard_v" in s.edge_targets:
+            target = s.edge_targets["hubbard_v"]
+            scf = {}
+            if "hubbard_v_scf" in s.edge_attrs:
+                attr = s.edge_attrs["hubbard_v_scf"]
+                scf = {tuple(int(x) for x in k): float(np.asarray(v).reshape(-1)[0]) for k, v in zip(attr.keys, attr.values)}
+            for key, value in zip(target.keys, np.asarray(target.values, float).reshape(len(target.keys), -1)[:, 0]):
+                if not np.isfinite(value):
+                    continue
+                key = tuple(int(x) for x in key)
+                i, j = key[0], key[1]
+                rows.append({"kind": "V", "sample": int(index), "key": key, "material": material,
+                             "group": "-".join(sorted((symbols[i], symbols[j]))), "truth": float(value),
+                             # a couple the scf did not carry had V = 0 in it
+                             "scf": scf.get(key, 0.0), "trace": _trace(occ, i) + _trace(occ, j)})
+    return rows
+
+
+# ----------------------------------------------------------------------------- splits
+def material_splits(record, flags: Mapping[int, Any] | None = None, materials: Sequence[str] | None = None) -> list[dict]:
+    """One split per held-out material (all materials, or ``materials``): ``{"material", "train": [indices of every
+    other material's samples], "test": [its samples]}``; flagged samples are in neither."""
+    flags = flags or {}
+    by_material: dict[str, list[int]] = {}
+    for index, s in enumerate(record.samples):
+        if index not in flags:
+            by_material.setdefault(material_of(s), []).append(index)
+    names = sorted(by_material)
+    if materials:
+        unknown = sorted(set(materials) - set(names))
+        if unknown:
+            raise ValueError(f"materials {unknown} have no usable label; the record has {names}")
+        names = [m for m in names if m in set(materials)]
+    return [{"material": m, "train": [i for other in sorted(by_material) if other != m for i in by_material[other]],
+             "test": list(by_material[m])} for m in names]
+
+
+def validation_split(record, train: Sequence[int], fraction: float = 0.25, seed: int = 0) -> tuple[list[int], list[int], str]:
+    """``(fit, validation, unit)``: the training samples split by *material* (a seeded ``fraction`` of the training
+    materials, at least one) so that model selection sees materials it did not fit; with one training material, by
+    DFT cell (strain) instead; with one cell, no validation (``unit`` ``"none"``)."""
+    rng = np.random.default_rng(seed)
+    for unit, key in (("material", material_of), ("cell", cell_of)):
+        groups = sorted({key(record.samples[i]) for i in train})
+        if len(groups) >= 2:
+            n_val = min(len(groups) - 1, max(1, int(round(fraction * len(groups)))))
+            val_groups = {groups[k] for k in rng.permutation(len(groups))[:n_val]}
+            fit = [i for i in train if key(record.samples[i]) not in val_groups]
+            val = [i for i in train if key(record.samples[i]) in val_groups]
+            return fit, val, unit
+    return list(train), [], "none"
+
+
+# ----------------------------------------------------------------------------- baselines
+def _by(rows, kind):
+    return [r for r in rows if r["kind"] == kind]
+
+
+def element_mean_baseline(train_rows: Sequence[dict]) -> Callable[[dict], float]:
+    """Per element (U) / element pair (V) mean of the training labels; a group absent from training gets the mean of
+    all training labels of that kind (NaN if there is none)."""
+    means, overall = {}, {}
+    for kind in ("U", "V"):
+        rows = _by(train_rows, kind)
+        overall[kind] = float(np.mean([r["truth"] for r in rows])) if rows else float("nan")
+        for group in {r["group"] for r in rows}:
+            means[(kind, group)] = float(np.mean([r["truth"] for r in rows if r["group"] == group]))
+    return lambda row: means.get((row["kind"], row["group"]), overall[row["kind"]])
+
+
+def previous_iteration_baseline(train_rows: Sequence[dict] = ()) -> Callable[[dict], float]:
+    """The U / V the perturbed scf used (U_in, the previous iteration's hp.x value; the starting U in iteration 1):
+    the paper's baseline, fitted on nothing."""
+    return lambda row: row["scf"]
+
+
+def occupation_linear_baseline(train_rows: Sequence[dict]) -> Callable[[dict], float]:
+    """Per element (U) / element pair (V) a least-squares line ``truth = a + b tr n`` (``row["trace"]``) through the
+    training labels; a group with one distinct trace gets its mean, a group absent from training the mean of all
+    training labels of that kind (as :func:`element_mean_baseline`: a line through other elements' traces would
+    extrapolate across d counts)."""
+    def fit(rows):
+        x = np.array([r["trace"] for r in rows])
+        y = np.array([r["truth"] for r in rows])
+        if len(rows) == 0:
+            return np.array([0.0, np.nan])
+        if np.ptp(x) < 1e-9:
+            return np.array([0.0, float(np.mean(y))])
+        return np.polyfit(x, y, 1)
+
+    lines, overall = {}, {}
+    for kind in ("U", "V"):
+        rows = _by(train_rows, kind)
+        overall[kind] = np.array([0.0, float(np.mean([r["truth"] for r in rows])) if rows else np.nan])
+        for group in {r["group"] for r in rows}:
+            lines[(kind, group)] = fit([r for r in rows if r["group"] == group])
+    return lambda row: float(np.polyval(lines.get((row["kind"], row["group"]), overall[row["kind"]]), row["trace"]))
+
+
+BASELINES: dict[str, Callable[[Sequence[dict]], Callable[[dict], float]]] = {
+    "element_mean": element_mean_baseline,
+    "previous_iteration": previous_iteration_baseline,
+    "occupation_linear": occupation_linear_baseline,
+}
+
+
+# ----------------------------------------------------------------------------- errors
+def errors(truth, pred) -> dict:
+    """``{"n", "mae", "mare", "rmse", "max_abs"}`` (eV; MARE a fraction, mean |pred - truth| / |truth|); ``None``
+    values when there is nothing to score."""
+    truth, pred = np.asarray(truth, float), np.asarray(pred, float)
+    if truth.size == 0:
+        return {"n": 0, "mae": None, "mare": None, "rmse": None, "max_abs": None}
+    diff = np.abs(pred - truth)
+    return {"n": int(truth.size), "mae": float(np.mean(diff)), "mare": float(np.mean(diff / np.abs(truth))),
+            "rmse": float(np.sqrt(np.mean(diff ** 2))), "max_abs": float(np.max(diff))}
+
+
+def pooled_errors(rows: Sequence[dict], field: str) -> dict[str, dict]:
+    """``{"U": errors, "V": errors}`` of ``row[field]`` against ``row["truth"]``."""
+    return {kind: errors([r["truth"] for r in _by(rows, kind)], [r[field] for r in _by(rows, kind)]) for kind in ("U", "V")}

@@ -1,0 +1,308 @@
+"""Train and write the shipped reference Hubbard ensemble (``aiida_eqml/ml/hubbard/reference/<name>/``).
+
+    # default: the campaign labels, the quality filter, 4 members through the training run the eqml.train CalcJob
+    # makes (aiida_eqml.ml.train_cli, one run per seed on one shared split), written as package data
+    .venv/bin/python benchmarks/hubbard_reference_model.py --evaluation docs/benchmarks/hubbard_uv.json
+
+    # the same through AiiDA: eqml.train.ensemble (EqmlEnsembleTrainWorkChain) in PROFILE, members as eqml.model
+    # nodes, plus an AiiDA archive of the campaign's provenance in the reference directory
+    .venv/bin/python benchmarks/hubbard_reference_model.py --profile eqml --computer localhost --archive
+
+    # a cheap check of the pipeline into a scratch directory
+    .venv/bin/python benchmarks/hubbard_reference_model.py --epochs 5 --members 2 --out /tmp/hubbard-tmo
+
+Writes into ``--out`` (default ``aiida_eqml/ml/hubbard/reference/hubbard-tmo``): ``member_XX.eqml``,
+``ensemble.json`` (members' sha256; ``metadata``: protocol, species, manifolds, training materials, label counts,
+flagged labels, measured errors from ``--evaluation``, command, commit), ``record.npz`` (every campaign label,
+the flagged ones with ``info['quality_issues']``), ``README.md`` and, with ``--archive``, ``campaign.aiida``. The
+model hyperparameters default to the ones the evaluation selected most often (``--evaluation``), else ``small`` /
+600 epochs. The total size is checked against ``--max-mb`` (30).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from hubbard_uv import CAMPAIGN, ROOT, SIZES, git_commit, load_labels  # noqa: E402
+
+DEFAULT_OUT = ROOT / "aiida_eqml" / "ml" / "hubbard" / "reference" / "hubbard-tmo"
+
+
+def training_config(args, size: str, epochs: int, n_samples: int) -> dict:
+    """The config every member trains with (seed set per member); ``model`` is partial: ``prepare_hubbard_training``
+    (train_cli) adds species, descriptor irreps and the U / V heads the record has labels for."""
+    return {
+        "model": {"cutoff": args.cutoff, **SIZES[size]},
+        "epochs": int(epochs),
+        "batch_size": min(args.batch_size, n_samples),
+        "split": {"train": list(range(n_samples)), "val": [], "test": []},  # every usable label: errors come from the LOMO evaluation
+        "seed": args.seed,
+        "optimizer": {"learning_rate": args.learning_rate, "schedule": "cosine", "decay_rate": 0.02,
+                      "warmup_epochs": min(10, int(epochs) // 10)},
+        "early_stopping": {"patience": 0},
+        "progress": False,
+    }
+
+
+def selected_hyperparameters(evaluation: dict | None, args) -> tuple[str, int, str]:
+    if args.size and args.epochs:
+        return args.size, args.epochs, "command line"
+    if evaluation:
+        votes = collections.Counter((e["selection"]["chosen"]["size"], e["selection"]["chosen"]["epochs"])
+                                    for e in evaluation.get("leave_one_material_out", []))
+        if votes:
+            (size, epochs), _ = votes.most_common(1)[0]
+            return args.size or size, args.epochs or int(epochs), "most often selected in the evaluation"
+    return args.size or "small", args.epochs or 600, "default"
+
+
+def train_in_process(record_path: Path, config: dict, seeds: list[int], work: Path) -> list[Path]:
+    """One ``train_cli`` run per seed (what each ``eqml.train`` CalcJob of ``eqml.train.ensemble`` runs)."""
+    from aiida_eqml.ml.train_cli import train_command
+
+    files = []
+    for seed in seeds:
+        run = work / f"seed_{seed}"
+        config_path = work / f"config_seed_{seed}.json"
+        config_path.write_text(json.dumps({**config, "seed": seed}))
+        t0 = time.time()
+        code = train_command(record_path, config_path, run, progress=False)
+        metrics = json.loads((run / "metrics.json").read_text())
+        if code != 0:
+            raise SystemExit(f"member seed {seed}: train_cli exit {code}: {metrics.get('status')}: {metrics.get('message')}")
+        print(f"  member seed {seed}: {metrics['epochs_run']} epochs in {time.time() - t0:.0f} s", flush=True)
+        files.append(run / "model.eqml")
+    return files
+
+
+def train_with_aiida(args, record, config: dict, seeds: list[int], work: Path) -> tuple[list[Path], dict]:
+    """``eqml.train.ensemble`` in ``args.profile`` (run in this process, blocking); the member files exported."""
+    from aiida import load_profile, orm
+    from aiida.engine import run_get_node
+
+    load_profile(args.profile)
+    from aiida_eqml.calculations.train import get_or_create_python_code
+    from aiida_eqml.data.dataset import EqmlDatasetData
+    from aiida_eqml.workflows.train import EqmlEnsembleTrainWorkChain
+
+    code = get_or_create_python_code(orm.load_computer(args.computer))
+    dataset = EqmlDatasetData.get_or_create(record)
+    builder = EqmlEnsembleTrainWorkChain.get_builder()
+    builder.train.code = code
+    builder.train.datasets = {"hubbard": dataset}
+    builder.train.config = orm.Dict(config)
+    builder.train.metadata.options.resources = {"num_machines": 1, "num_mpiprocs_per_machine": 1}
+    builder.seeds = orm.List(seeds)
+    _, node = run_get_node(builder)
+    if not node.is_finished_ok:
+        raise SystemExit(f"eqml.train.ensemble <{node.pk}> failed: {node.exit_status} {node.exit_message}")
+    files = []
+    for seed in seeds:
+        model = node.outputs.models[f"seed_{seed}"]
+        path = work / f"seed_{seed}.eqml"
+        model.export(path)
+        files.append(path)
+    print(f"  eqml.train.ensemble <{node.pk}>: models {[node.outputs.models[f'seed_{s}'].pk for s in seeds]}")
+    return files, {"workchain_pk": node.pk, "workchain_uuid": node.uuid, "dataset_uuid": dataset.uuid, "profile": args.profile}
+
+
+def write_archive(args, out: Path) -> Path:
+    """``verdi archive create`` of the campaign's work chains (uuids from the per-cell json files)."""
+    import subprocess
+
+    uuids = []
+    for meta in sorted(CAMPAIGN.glob("*.json")):
+        uuid = json.loads(meta.read_text()).get("workchain_uuid")
+        if uuid:
+            uuids.append(uuid)
+    if not uuids:
+        raise SystemExit(f"no campaign work chain uuid in {CAMPAIGN}/*.json")
+    path = out / "campaign.aiida"
+    verdi = Path(sys.executable).with_name("verdi")
+    command = [str(verdi), "-p", args.profile, "archive", "create", "--force", "-N", *uuids, "--", str(path)]
+    subprocess.run(command, check=True)
+    return path
+
+
+def readme(meta: dict, name: str) -> str:
+    errors = meta.get("errors") or {}
+    summary = errors.get("summary") or {}
+    lines = [
+        f"# Reference Hubbard model `{name}`",
+        "",
+        "Written by `benchmarks/hubbard_reference_model.py` (nothing here is edited by hand); load it with",
+        f"`aiida_eqml.ml.hubbard.reference.load_reference_model({name!r})` or import it as `eqml.model` nodes with",
+        f"`verdi data eqml model import-reference {name}`. See docs/hubbard.md, 'Reference data and model'.",
+        "",
+        f"* command: `{meta['command']}` at commit `{meta['commit']}`",
+        f"* protocol: `{(meta.get('protocol') or {}).get('name')}` (fingerprint `{meta.get('protocol_fingerprint')}`);"
+        " a model is only valid for labels at this protocol",
+        f"* species: {', '.join(meta['species'])}; Hubbard manifolds l = {meta['hubbard']['manifold_ls']},"
+        f" pair blocks {meta['hubbard']['pair_ls']}; heads {', '.join(meta['heads'])}",
+        f"* training materials ({len(meta['training_materials'])}): {', '.join(meta['training_materials'])}",
+        f"* labels: {meta['n_labels']['U']} U, {meta['n_labels']['V']} V from {meta['n_samples_trained']} hp.x runs;"
+        f" {meta['n_flagged']} runs flagged by the quality filter (in record.npz, not trained on)",
+        f"* members: {meta['members']} (seeds {meta['seeds']}), {meta['size']} model, {meta['epochs']} epochs"
+        f" ({meta['hyperparameters_from']}), trained {meta['trained_with']}",
+    ]
+    if summary:
+        lines.append(f"* measured errors (leave-one-material-out, {errors.get('source')}): MARE U {summary.get('mare_u')},"
+                     f" MARE V {summary.get('mare_v')}; best baseline U {summary.get('mare_u_best_baseline')},"
+                     f" V {summary.get('mare_v_best_baseline')}")
+    else:
+        lines.append("* measured errors: none recorded (run benchmarks/hubbard_uv.py evaluate and pass --evaluation)")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--labels", nargs="+", default=None, help="npz files or directories (default: the campaign's)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--name", default=None, help="reference name in the metadata (default: the --out directory name)")
+    parser.add_argument("--evaluation", type=Path, default=None, help="hubbard_uv.json whose errors describe this model")
+    parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", choices=sorted(SIZES), default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--cutoff", type=float, default=4.0)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=5e-3)
+    parser.add_argument("--min-gap", type=float, default=0.0, help="quality filter: band gap (eV) per spin channel")
+    parser.add_argument("--profile", default=None, help="run eqml.train.ensemble in this AiiDA profile")
+    parser.add_argument("--computer", default="localhost", help="with --profile: computer of the training jobs")
+    parser.add_argument("--archive", action="store_true", help="with --profile: also write campaign.aiida")
+    parser.add_argument("--max-mb", type=float, default=30.0)
+    args = parser.parse_args(argv)
+    if args.archive and not args.profile:
+        parser.error("--archive needs --profile")
+
+    from aiida_eqml.ml.dataset import Dataset
+    from aiida_eqml.ml.hubbard.evaluation import label_flags, label_table, material_of
+    from aiida_eqml.ml.hubbard.protocol import protocol_fingerprint, record_protocol
+    from aiida_eqml.ml.hubbard.reference import reference_metadata  # noqa: F401  (the loader this feeds)
+    from aiida_eqml.ml.modelfile import file_sha256, load_model
+
+    record, files = load_labels(args.labels)
+    flags = label_flags(record, min_gap_ev=args.min_gap)
+    for index, issues in flags.items():
+        record.samples[index].info["quality_issues"] = list(issues)
+    usable = [i for i in range(len(record)) if i not in flags]
+    if not usable:
+        raise SystemExit("every label is flagged by the quality filter: nothing to train on")
+    train_record = record.subset(usable)
+    protocol = record_protocol(train_record)
+    rows = label_table(record, usable)
+    materials = sorted({material_of(record.samples[i]) for i in usable})
+    evaluation = json.loads(args.evaluation.read_text()) if args.evaluation else None
+    size, epochs, source = selected_hyperparameters(evaluation, args)
+    seeds = [args.seed + k for k in range(args.members)]
+    config = training_config(args, size, epochs, len(train_record))
+    print(f"{len(record)} labels from {len(files)} files, {len(flags)} flagged; training on {len(usable)} "
+          f"({sum(r['kind'] == 'U' for r in rows)} U, {sum(r['kind'] == 'V' for r in rows)} V) of {len(materials)} "
+          f"materials; {args.members} x {size}/{epochs} epochs ({source})", flush=True)
+
+    out = args.out.resolve()
+    with tempfile.TemporaryDirectory(prefix="hubbard-reference-") as scratch:
+        work = Path(scratch)
+        record_path = work / "train.npz"
+        train_record.save(record_path)
+        t0 = time.time()
+        if args.profile:
+            member_files, aiida_info = train_with_aiida(args, train_record, config, seeds, work)
+            trained_with = "eqml.train.ensemble (EqmlEnsembleTrainWorkChain) in AiiDA"
+        else:
+            member_files, aiida_info = train_in_process(record_path, config, seeds, work), None
+            trained_with = "in-process aiida_eqml.ml.train_cli, one run per seed (the eqml.train CalcJob's run)"
+        seconds = time.time() - t0
+
+        metas = [load_model(f)[2] for f in member_files]
+        configs = [load_model(f)[0].config for f in member_files]
+        for f, m in zip(member_files, metas):
+            if "hubbard" not in m:
+                raise SystemExit(f"{f}: the model metadata lacks the 'hubbard' descriptor slots")
+            if protocol is not None and m.get("protocol") is None:
+                raise SystemExit(f"{f}: the model metadata lacks the labels' protocol")
+
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        entries = []
+        for k, (f, seed) in enumerate(zip(member_files, seeds)):
+            name = f"member_{k:02d}.eqml"
+            shutil.copyfile(f, out / name)
+            entries.append({"file": name, "sha256": file_sha256(out / name), "seed": seed})
+        for index in range(len(record)):  # the shipped record: compact, every label, flags in info
+            record.samples[index].info.setdefault("quality_issues", [])
+        record.save(out / "record.npz")
+
+    name = args.name or out.name
+    meta = {
+        "name": name,
+        "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+        "commit": git_commit(),
+        "protocol": protocol,
+        "protocol_fingerprint": protocol_fingerprint(protocol) if protocol else None,
+        "species": list(configs[0]["species"]),
+        "heads": sorted(configs[0]["heads"]),
+        "hubbard": metas[0]["hubbard"],
+        "training_materials": materials,
+        "n_labels": {"U": sum(r["kind"] == "U" for r in rows), "V": sum(r["kind"] == "V" for r in rows)},
+        "n_samples_trained": len(usable),
+        "n_flagged": len(flags),
+        "flagged": {record.samples[i].info.get("name", str(i)): issues for i, issues in flags.items()},
+        "label_files": [os.path.relpath(f, ROOT) if str(f).startswith(str(ROOT)) else str(f) for f in files],
+        "record": "record.npz",
+        "members": args.members,
+        "seeds": seeds,
+        "size": size,
+        "epochs": epochs,
+        "hyperparameters_from": source,
+        "training_config": config,
+        "trained_with": trained_with,
+        "aiida": aiida_info,
+        "train_seconds": seconds,
+        "train_metrics": [m.get("metrics", {}).get("train") for m in metas],
+        "errors": None,
+    }
+    if evaluation:
+        meta["errors"] = {
+            "source": os.path.relpath(args.evaluation.resolve(), ROOT) if str(args.evaluation.resolve()).startswith(str(ROOT)) else str(args.evaluation),
+            "command": evaluation.get("command"), "commit": evaluation.get("commit"), "summary": evaluation.get("summary"),
+            "per_material": [{k: e.get(k) for k in ("material", "n_test", "mae_u", "mare_u", "mae_v", "mare_v")}
+                             for e in evaluation.get("leave_one_material_out", [])],
+        }
+        if sorted(evaluation.get("materials", [])) != materials:
+            print(f"warning: the evaluation's materials {evaluation.get('materials')} differ from the training "
+                  f"materials {materials}: rerun the evaluation on the same labels", file=sys.stderr)
+    manifest = {"format": "aiida-eqml-ensemble", "format_version": 1, "members": entries, "metadata": meta}
+    (out / "ensemble.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=float) + "\n")
+    if args.archive:
+        write_archive(args, out)
+    (out / "README.md").write_text(readme(meta, name))
+
+    # Checks: loads as an ensemble, predicts the shipped record, fits the size budget.
+    from aiida_eqml.ml.hubbard.ensemble import Ensemble
+
+    ensemble = Ensemble.load(out)
+    predictions = ensemble.predict(Dataset.load(out / "record.npz").subset(usable[:2]))
+    total = sum(p.stat().st_size for p in out.iterdir()) / 2**20
+    print(f"wrote {out}: {len(entries)} members, {total:.2f} MB; first sample U = "
+          f"{np.round(predictions[0]['hubbard_u'][0], 3).tolist()} +- {np.round(predictions[0]['hubbard_u'][1], 3).tolist()}")
+    if total > args.max_mb:
+        raise SystemExit(f"{out} is {total:.1f} MB, over the {args.max_mb} MB budget")
+
+
+if __name__ == "__main__":
+    main()
