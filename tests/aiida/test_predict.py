@@ -265,7 +265,7 @@ def test_hubbard_model_trained_by_the_calcjob_predicts_u_and_v(aiida_profile, tm
     builder.datasets = {'nio': dataset}
     builder.config = orm.Dict({
         'model': {'cutoff': 3.5, 'hidden_irreps': '8x0e + 2x1o + 2x2e', 'num_layers': 1},
-        'epochs': 60, 'split': {'train': [0], 'val': [], 'test': []}, 'progress': False,
+        'epochs': 60, 'batch_size': 1, 'split': {'train': [0], 'val': [], 'test': []}, 'progress': False,
     })
     builder.metadata.options.resources = {'num_machines': 1, 'num_mpiprocs_per_machine': 1}
     trained, train_node = run_get_node(builder)
