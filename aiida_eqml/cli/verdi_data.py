@@ -249,3 +249,43 @@ def model_export(identifier, output, force):
     if digest != node.sha256:
         echo.echo_critical(f'{output}: sha256 {digest} differs from the node\'s {node.sha256}: the repository copy is corrupt')
     echo.echo_success(f'model {node.pk} written to {output} (sha256 {digest})')
+
+
+@model.command('import-reference')
+@click.argument('name', required=False)
+@click.option('--list', 'list_only', is_flag=True, help='List the reference models of this installation and exit.')
+@decorators.with_dbenv()
+def model_import_reference(name, list_only):
+    """Store the members of the shipped reference ensemble NAME (e.g. hubbard-tmo) as eqml.model nodes.
+
+    Idempotent: a member already stored (same file sha256) is reused, not duplicated. Each node gets the extra
+    ``eqml_reference`` (name, member, protocol, training materials, measured errors)."""
+    from aiida_eqml.data.model import EqmlModelData
+    from aiida_eqml.ml.hubbard.reference import (
+        REFERENCE_MODELS,
+        available_reference_models,
+        reference_member_files,
+        reference_metadata,
+    )
+
+    if list_only or not name:
+        available = set(available_reference_models())
+        rows = [[n, 'yes' if n in available else 'no (not built yet)', REFERENCE_MODELS.get(n, '')]
+                for n in sorted(set(REFERENCE_MODELS) | available)]
+        echo.echo(_table(rows, ['Name', 'Data present', 'Description']))
+        return
+    try:
+        files = reference_member_files(name)
+        metadata = reference_metadata(name)
+    except (ValueError, FileNotFoundError) as exception:
+        echo.echo_critical(str(exception))
+    summary = {key: metadata.get(key) for key in ('protocol_fingerprint', 'training_materials', 'species', 'commit')}
+    summary['protocol_name'] = (metadata.get('protocol') or {}).get('name')
+    summary['errors'] = (metadata.get('errors') or {}).get('summary')
+    pks = []
+    for index, path in enumerate(files):
+        node = EqmlModelData.get_or_create(path)
+        node.base.extras.set('eqml_reference', {'name': name, 'member': index, 'file': path.name, **summary})
+        pks.append(node.pk)
+        echo.echo(f'{name} {path.name}: eqml.model {node.pk} (sha256 {node.sha256[:12]})')
+    echo.echo_success(f'reference model {name}: {len(pks)} members as eqml.model nodes {" ".join(str(pk) for pk in pks)}')

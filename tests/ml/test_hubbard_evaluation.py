@@ -1,0 +1,171 @@
+"""The pure functions of the leave-one-material-out Hubbard benchmark (aiida_eqml.ml.hubbard.evaluation): materials,
+quality flags, splits that never leak a held-out material into training, and the three baselines. No training."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import ase
+import numpy as np
+import pytest
+
+from aiida_eqml.ml.dataset import Dataset
+from aiida_eqml.ml.hubbard import evaluation as ev
+from aiida_eqml.ml.hubbard.records import HUBBARD_TARGET_SPECS, hubbard_record_sample
+
+ROOT = Path(__file__).resolve().parents[2]
+OLD_RECORD = ROOT / "docs" / "benchmarks" / "hubbard_labels.npz"
+CAMPAIGN = ROOT / "benchmarks" / "data" / "hubbard_campaign"
+
+#: Synthetic law of the labels: U = a + b tr n per element (what the occupation-linear baseline must recover).
+LAW = {"Ni": (1.0, 0.5), "Mn": (-1.0, 0.8), "Co": (0.5, 0.6)}
+V_LAW = (0.2, 0.1)
+
+
+def _gapped(gap=1.0):
+    return {"scf_converged": True, "band_gap_up_ev": gap, "band_gap_down_ev": gap, "total_magnetization": 2.0}
+
+
+def synthetic_record(metal_sample=None) -> Dataset:
+    """3 materials (NiO with V, MnO, CoO) x 2 strains x 2 iterations of a 2-atom rock-salt cell."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for material, metal, with_v in (("NiO-rocksalt-fm", "Ni", True), ("MnO-rocksalt-fm", "Mn", False),
+                                    ("CoO-rocksalt-fm", "Co", False)):
+        for strain in (0.98, 1.02):
+            u_in, v_in = 5.0, 0.5
+            for iteration in (1, 2):
+                a = 4.2 * strain
+                atoms = ase.Atoms(f"{metal}O", scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5]],
+                                  cell=0.5 * a * np.array([[0, 1, 1], [1, 0, 1], [1, 1, 0]]), pbc=True)
+                block = np.stack([np.diag(rng.uniform(0.3, 1.0, 5)) for _ in range(2)])
+                trace = float(np.trace(block, axis1=-2, axis2=-1).sum())
+                u = LAW[metal][0] + LAW[metal][1] * trace
+                key = (0, 1, 0, 0, 0)
+                pair = rng.uniform(-0.1, 0.1, (2, 5, 3)) if with_v else None
+                o_block = np.stack([np.eye(3) * 0.9] * 2)
+                onsite = {0: block, 1: o_block} if with_v else {0: block}
+                v = V_LAW[0] + V_LAW[1] * (trace + 5.4)
+                name = f"{material}_s{round(strain * 100)}_iter{iteration:02d}"
+                samples.append(hubbard_record_sample(
+                    atoms, onsite, {0: u_in, 1: 0.0} if with_v else {0: u_in}, target_u={0: u},
+                    intersite={key: pair} if with_v else None, hubbard_v_scf={key: v_in} if with_v else None,
+                    target_v={key: v} if with_v else None,
+                    info={"name": name, "material": material, "strain": strain, "iteration": iteration,
+                          "campaign_key": name.rsplit("_iter", 1)[0],
+                          **(_gapped(0.0) if name == metal_sample else _gapped())}))
+                u_in, v_in = u, v
+    return Dataset(samples, HUBBARD_TARGET_SPECS)
+
+
+@pytest.fixture(scope="module")
+def record():
+    return synthetic_record(metal_sample="MnO-rocksalt-fm_s102_iter02")
+
+
+def test_quality_filter_flags_the_metal_and_its_labels_are_never_scored_or_trained_on(record):
+    flags = ev.label_flags(record)
+    flagged = [record.samples[i].info["name"] for i in flags]
+    assert flagged == ["MnO-rocksalt-fm_s102_iter02"] and "metallic" in " ".join(flags[next(iter(flags))])
+    rows = ev.label_table(record, None, flags)
+    assert not any(r["sample"] in flags for r in rows)
+    for split in ev.material_splits(record, flags):
+        assert not set(flags) & (set(split["train"]) | set(split["test"]))
+    # a sample without scf diagnostics (an old record) is flagged, not an error
+    atoms = ase.Atoms("NiO", scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5]], cell=np.eye(3) * 3.0, pbc=True)
+    bare = hubbard_record_sample(atoms, {0: np.stack([np.eye(5)] * 2)}, {0: 5.0}, target_u={0: 6.0}, info={"name": "x"})
+    assert "no scf diagnostics" in ev.label_flags(Dataset([bare], HUBBARD_TARGET_SPECS))[0][0]
+
+
+def test_leave_one_material_out_never_trains_on_the_held_out_material(record):
+    flags = ev.label_flags(record)
+    splits = ev.material_splits(record, flags)
+    materials = sorted({ev.material_of(s) for s in record.samples})
+    assert [s["material"] for s in splits] == materials  # each material held out exactly once
+    usable = set(range(len(record))) - set(flags)
+    for split in splits:
+        held = split["material"]
+        assert split["test"] and all(ev.material_of(record.samples[i]) == held for i in split["test"])
+        assert all(ev.material_of(record.samples[i]) != held for i in split["train"])
+        assert set(split["train"]) | set(split["test"]) == usable and not set(split["train"]) & set(split["test"])
+        fit, val, unit = ev.validation_split(record, split["train"], 0.5, seed=1)
+        assert unit == "material" and val and fit
+        assert not {ev.material_of(record.samples[i]) for i in fit} & {ev.material_of(record.samples[i]) for i in val}
+        assert sorted(fit + val) == sorted(split["train"])
+    only = ev.material_splits(record, flags, ["CoO-rocksalt-fm"])
+    assert [s["material"] for s in only] == ["CoO-rocksalt-fm"]
+    with pytest.raises(ValueError, match="no usable label"):
+        ev.material_splits(record, flags, ["FeO-rocksalt-fm"])
+
+
+def test_validation_falls_back_to_cells_then_none(record):
+    ni = [i for i, s in enumerate(record.samples) if ev.material_of(s) == "NiO-rocksalt-fm"]
+    fit, val, unit = ev.validation_split(record, ni, 0.5)
+    assert unit == "cell" and {ev.cell_of(record.samples[i]) for i in fit}.isdisjoint({ev.cell_of(record.samples[i]) for i in val})
+    one_cell = [i for i in ni if record.samples[i].info["strain"] == 0.98]
+    assert ev.validation_split(record, one_cell, 0.5) == (one_cell, [], "none")
+
+
+def test_previous_iteration_baseline_is_exactly_the_scf_value(record):
+    rows = ev.label_table(record)
+    predict = ev.previous_iteration_baseline(rows)
+    for r in rows:
+        s = record.samples[r["sample"]]
+        if r["kind"] == "U":
+            assert predict(r) == s.node_attrs["hubbard_u_scf"][r["key"][0]]
+        else:
+            attr = s.edge_attrs["hubbard_v_scf"]
+            where = [k for k, key in enumerate(attr.keys.tolist()) if tuple(key) == r["key"]]
+            assert predict(r) == attr.values[where[0], 0]
+    assert {r["kind"] for r in rows} == {"U", "V"} and sum(r["kind"] == "V" for r in rows) == 4
+    # iteration 2 starts from iteration 1's hp.x value
+    first = next(r for r in rows if r["kind"] == "U" and record.samples[r["sample"]].info["iteration"] == 1)
+    second = next(r for r in rows if r["kind"] == "U" and r["sample"] == first["sample"] + 1)
+    assert predict(second) == pytest.approx(first["truth"])
+
+
+def test_element_mean_and_occupation_linear_baselines(record):
+    flags = ev.label_flags(record)
+    split = next(s for s in ev.material_splits(record, flags) if s["material"] == "CoO-rocksalt-fm")
+    train, test = ev.label_table(record, split["train"], flags), ev.label_table(record, split["test"], flags)
+    mean = ev.element_mean_baseline(train)
+    ni = [r["truth"] for r in train if r["group"] == "Ni" and r["kind"] == "U"]
+    assert mean({"kind": "U", "group": "Ni"}) == pytest.approx(np.mean(ni))
+    # Co is unseen: the mean of every training U, not some other element's
+    assert mean(test[0]) == pytest.approx(np.mean([r["truth"] for r in train if r["kind"] == "U"]))
+    assert mean({"kind": "V", "group": "Ni-O"}) == pytest.approx(np.mean([r["truth"] for r in train if r["kind"] == "V"]))
+    line = ev.occupation_linear_baseline(train)
+    for r in ev.label_table(record, None, flags):  # the law is linear per element: recovered exactly where fitted
+        if r["group"] in ("Ni", "Mn", "Ni-O"):
+            assert line(r) == pytest.approx(r["truth"], abs=1e-9)
+    assert line(test[0]) == pytest.approx(mean(test[0]))  # unseen element: the mean, not an extrapolated line
+    scores = ev.pooled_errors([{**r, "p": line(r)} for r in ev.label_table(record, split["train"], flags)], "p")
+    assert scores["U"]["mae"] == pytest.approx(0.0, abs=1e-9) and scores["V"]["n"] == 4
+
+
+def test_errors():
+    e = ev.errors([2.0, 4.0], [2.2, 3.0])
+    assert e["n"] == 2 and e["mae"] == pytest.approx(0.6) and e["mare"] == pytest.approx((0.1 + 0.25) / 2)
+    assert ev.errors([], [])["mae"] is None
+
+
+@pytest.mark.skipif(not OLD_RECORD.exists(), reason="docs/benchmarks/hubbard_labels.npz not in this checkout")
+def test_on_the_real_older_record():
+    record = Dataset.load(OLD_RECORD)
+    materials = {ev.material_of(s) for s in record.samples}
+    assert materials == {f"{m}O-rocksalt-fm" for m in ("Co", "Fe", "Mn", "Ni")} | {"NiO-rocksalt-afm2"}
+    flags = ev.label_flags(record)
+    rows = ev.label_table(record, None, flags)
+    assert len(flags) == 48 and len(rows) == 13  # the 60 Ry NiO / MnO insulators and AFM NiO at 30 Ry
+    predict = ev.previous_iteration_baseline()
+    assert all(predict(r) == record.samples[r["sample"]].node_attrs["hubbard_u_scf"][r["key"][0]] for r in rows)
+    for split in ev.material_splits(record, flags):
+        assert split["material"] not in {ev.material_of(record.samples[i]) for i in split["train"]}
+
+
+@pytest.mark.skipif(not any(CAMPAIGN.glob("*.npz")), reason="no campaign labels exported yet")
+def test_campaign_labels_have_materials_and_pass_through():
+    record = Dataset([s for f in sorted(CAMPAIGN.glob("*.npz")) for s in Dataset.load(f).samples], HUBBARD_TARGET_SPECS)
+    for s in record.samples:
+        assert ev.material_of(s) == s.info["material"] and ev.cell_of(s) == s.info["campaign_key"]
+    rows = ev.label_table(record, None, ev.label_flags(record))
+    assert rows and all(np.isfinite(r["truth"]) and np.isfinite(r["trace"]) for r in rows)
