@@ -285,3 +285,27 @@ def test_hubbard_model_trained_by_the_calcjob_predicts_u_and_v(aiida_profile, tm
     # Provenance: the prediction's model was made by the training CalcJob from the harvested dataset.
     assert node.inputs.model.creator.pk == train_node.pk and train_node.inputs.datasets.nio.pk == dataset.pk
     assert dataset.creator.inputs.nio_occupations.pk == occupations.pk
+
+
+def test_meaningless_structures_are_refused_with_313(model_nodes):
+    """No atoms, a NaN cell, atoms on top of each other: exit 313 with the field named, never zeros or numbers."""
+    from aiida import orm
+
+    from aiida_eqml.calculations.functions.predict import predict_tensors
+
+    empty = orm.StructureData(cell=(4 * np.eye(3)).tolist())
+    overlapping = tio_structure()
+    first = overlapping.sites[0]
+    overlapping.append_atom(position=tuple(np.asarray(first.position) + 1e-3), symbols='O')
+    for structure, phrase in ((empty, 'no atoms'), (overlapping, 'overlapping')):
+        result, node = predict_tensors.run_get_node(structure, model=model_nodes[0])
+        assert node.exit_status == 313, (node.exit_status, node.exit_message)
+        assert phrase in node.exit_message.lower() and result == {}
+
+
+def test_predict_hubbard_refuses_a_model_without_hubbard_heads(nio_occupations, model_nodes):
+    from aiida_eqml.calculations.functions.predict import predict_hubbard
+
+    structure, occupations = nio_occupations
+    result, node = predict_hubbard.run_get_node(structure, occupations, model=model_nodes[0])
+    assert node.exit_status == 314 and 'none of' in node.exit_message and result == {}

@@ -17,7 +17,9 @@ compiles a model once.
 
 Refusals return an exit code (and no output node) with a message naming what is wrong: an element the model was
 not trained on (310), models of an ensemble that disagree on species or heads (311), a model that needs inputs the
-function does not provide (312).
+function does not provide (312), a structure no prediction means anything for (313: no atoms, non-finite or
+degenerate cell, atoms on top of each other), a model without the head the function returns (314: e.g. a
+Born-charge model given to ``predict_hubbard``, which would otherwise hand back the input U unchanged).
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ __all__ = ('predict_tensors', 'predict_structure', 'ensemble_statistics', 'Predi
 EXIT_UNKNOWN_SPECIES = 310
 EXIT_INCONSISTENT_ENSEMBLE = 311
 EXIT_MISSING_MODEL_INPUTS = 312
+EXIT_INVALID_STRUCTURE = 313
+EXIT_MISSING_HEAD = 314
 
 
 class PredictionInputError(ValueError):
@@ -82,7 +86,8 @@ def _predictor(nodes: list[EqmlModelData]):
 
 def _input_error(exception, nodes) -> PredictionInputError:
     """A :class:`aiida_eqml.ml.predict.PredictionError` as the exit code of the field it names."""
-    status = {'species': EXIT_UNKNOWN_SPECIES, 'ensemble': EXIT_INCONSISTENT_ENSEMBLE}.get(
+    status = {'species': EXIT_UNKNOWN_SPECIES, 'ensemble': EXIT_INCONSISTENT_ENSEMBLE,
+              'structure': EXIT_INVALID_STRUCTURE}.get(
         exception.field, EXIT_MISSING_MODEL_INPUTS
     )
     return PredictionInputError(status, f'model(s) pk={[node.pk for node in nodes]}: {exception}')
@@ -102,6 +107,24 @@ def predict_structure(model_node: EqmlModelData, atoms, node_attrs=None, edge_at
         raise _input_error(exception, [model_node]) from exception
 
 
+def _check_structure(atoms) -> None:
+    """The ML layer's structure validation (before any neighbour list), as exit code 313."""
+    from aiida_eqml.ml.structure_checks import StructureError, validate_atoms
+
+    try:
+        validate_atoms(atoms)
+    except StructureError as exception:
+        raise PredictionInputError(EXIT_INVALID_STRUCTURE, f'invalid structure: {exception}') from exception
+
+
+def _check_heads(nodes, needed: set[str], what: str) -> None:
+    for node in nodes:
+        if not needed & set(node.targets):
+            raise PredictionInputError(
+                EXIT_MISSING_HEAD, f'model pk={node.pk} predicts {sorted(node.targets)}, none of {sorted(needed)} '
+                                   f'that {what} returns')
+
+
 @calcfunction
 def predict_tensors(structure: orm.StructureData, **models) -> orm.ArrayData | ExitCode:
     """Model(s) + structure -> ``ArrayData`` of the predicted tensors (see the module docstring)."""
@@ -109,6 +132,7 @@ def predict_tensors(structure: orm.StructureData, **models) -> orm.ArrayData | E
 
     atoms = structure.get_ase()
     try:
+        _check_structure(atoms)
         nodes = _check_models(models, atoms.get_chemical_symbols())
         try:
             arrays = _predictor(nodes).predict(atoms)  # mean and <head>_std over an ensemble
@@ -169,6 +193,9 @@ def predict_hubbard(hubbard_structure, occupations, **models):
 
     atoms = hubbard_structure.get_ase()
     try:
+        _check_structure(atoms)
+        _check_heads([m for m in models.values() if isinstance(m, EqmlModelData)], {'hubbard_u', 'hubbard_v'},
+                     'predict_hubbard')  # before the species: a Born-charge model is the wrong kind of model
         nodes = _check_models(models, atoms.get_chemical_symbols())
         record = hubbard_record_from_nodes(hubbard_structure, occupations)
         try:  # each member reads the occupations through the descriptor slots stored in its model file
