@@ -163,8 +163,16 @@ def export(key: str, name: str, strain: float, node) -> str:
     DATA.mkdir(parents=True, exist_ok=True)
     dataset = node.outputs.dataset if node.is_finished_ok and 'dataset' in node.outputs else recover(key, node)
     if dataset is not None:
+        from aiida import orm
+
+        from aiida_eqml.calculations.functions.harvest import scf_diagnostics
+
         record = dataset.get_dataset()
         for sample in record.samples:
+            # the scf state with today's diagnostics (the stored ones predate the fix of non-polarized gaps)
+            scf = orm.load_node(sample.info['scf_calculation_uuid'])
+            sample.info.update(scf_diagnostics(scf.inputs.parameters.get_dict(),
+                                               scf.outputs.output_parameters.get_dict(), scf.outputs.output_band))
             found = re.search(r'_iter(\d+)$', str(sample.info.get('name', '')))
             iteration = int(found.group(1)) if found else None
             sample.info.update({

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .hubbard import hubbard
 from .local import local
 from .ml import predict, train
 
@@ -15,6 +16,7 @@ def cli():
 
 
 cli.add_command(local)
+cli.add_command(hubbard)
 cli.add_command(train)
 cli.add_command(predict)
 

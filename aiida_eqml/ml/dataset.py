@@ -465,7 +465,10 @@ def build_graphs(dataset: Dataset, model_config: Mapping[str, Any]) -> list:
             if name not in s.edge_attrs:
                 raise ValueError(f"{s.label(index)}: the model needs edge attribute {name!r}, the sample has {list(s.edge_attrs)}")
             ev = s.edge_attrs[name]
-            edge_attrs[name] = (ev.keys, e3nn.IrrepsArray(irreps, ev.values.reshape(len(ev.keys), -1)))
+            # reshape to the irreps' width, not -1: a sample without such couples (a DFT+U label in a U+V record)
+            # has zero rows, and numpy cannot infer -1 from an empty array
+            width = e3nn.Irreps(irreps).dim
+            edge_attrs[name] = (ev.keys, e3nn.IrrepsArray(irreps, ev.values.reshape(len(ev.keys), width)))
         try:
             graphs.append(graph_from_atoms(s.to_ase(), cutoff, species, node_attrs=node_attrs, edge_attrs=edge_attrs))
         except ValueError as exc:

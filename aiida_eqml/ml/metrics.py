@@ -27,8 +27,11 @@ def tensor_error_sums(prediction: np.ndarray, truth: np.ndarray, mask: np.ndarra
     prediction = np.asarray(prediction, np.float64)
     truth = np.asarray(truth, np.float64)
     mask = np.asarray(mask, bool)
-    p = prediction[mask].reshape(int(mask.sum()), -1)
-    t = truth[mask].reshape(int(mask.sum()), -1)
+    # the entry width from the array, not -1: a batch may hold no label of this target (U-only samples of a
+    # U+V record have no V), and an empty array cannot infer -1
+    width = int(np.prod(prediction.shape[1:], dtype=np.int64))
+    p = prediction[mask].reshape(int(mask.sum()), width)
+    t = truth[mask].reshape(int(mask.sum()), width)
     diff = p - t
     return {
         "count": float(len(p)),

@@ -34,6 +34,15 @@ def test_gaps_with_fixed_occupations():
     assert gap_fractional == 0.0
 
 
+def test_gaps_of_a_non_polarized_run_with_two_electrons_per_state():
+    """aiida's BandsData of an nspin=1 run: [nk, nb] with occupations 0..2. Read as 0..1, every occupied state
+    counted twice and the gap was NaN ('all bands filled'): LiCoO2, NiO2 and SrTiO3 labels were all flagged."""
+    bands = np.array([[-3.0, -0.5, 2.0, 4.0], [-2.5, -0.2, 1.5, 3.0]])
+    occupations = np.array([[2, 2, 0, 0], [2, 2, 0, 0]], float)
+    (n, gap), again = spin_channel_gaps(bands, occupations, WEIGHTS)
+    assert n == pytest.approx(2.0) and gap == pytest.approx(1.7) and again == (n, gap)
+
+
 def scf_info(name, gap_up, gap_down, magnetization=2.0, converged=True):
     return {"name": name, "scf_converged": converged, "band_gap_up_ev": gap_up, "band_gap_down_ev": gap_down,
             "total_magnetization": magnetization}

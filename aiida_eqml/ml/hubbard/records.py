@@ -253,7 +253,7 @@ def hubbard_record_sample(
 
 def spin_channel_gaps(bands, occupations, weights, fermi_energy=None, tol: float = 0.01):
     """``[(electrons, gap_eV)]`` per spin channel of a pw.x run from its bands ``[nspin, nk, nb]`` (eV),
-    occupations (same shape, 0..1 per state), k weights and, for smeared occupations, the Fermi energy.
+    occupations (same shape, 0..1 per state; 0..2 for a non-polarized run, halved here), k weights and, for smeared occupations, the Fermi energy.
 
     Smearing: a channel is metallic (gap 0) when one of its bands crosses the Fermi energy on the k
     mesh; otherwise the gap is lowest band above minus highest band below E_F. (The electron count of
@@ -264,6 +264,9 @@ def spin_channel_gaps(bands, occupations, weights, fermi_energy=None, tol: float
     bands, occupations = np.asarray(bands, float), np.asarray(occupations, float)
     if bands.ndim == 2:
         bands, occupations = bands[None], occupations[None]
+        if occupations.max(initial=0.0) > 1.0 + tol:
+            # a non-polarized run stores 2 electrons per state (aiida's BandsData): one channel, half of each
+            occupations = occupations / 2.0
     w = np.asarray(weights, float) / np.sum(weights)
     out = []
     for e, f in zip(bands, occupations):
