@@ -1,5 +1,6 @@
 # aiida-eqml: two commands for a fresh machine (see README.md).
-#   make demo   (a) environment + `aiida-eqml local setup` + daemon + self-consistent U of NiO
+#   make demo   (a) environment + `aiida-eqml local setup` + daemon + the ML self-consistent DFT+U+V loop
+#               (eqml.hubbard.self_consistent) on rutile TiO2 with the shipped hubbard-tmo model, validated by hp.x
 #   make test   (b) environment + the whole test suite (what .ci/run runs)
 # Everything lands in the git-ignored .venv of the repo and in ~/.aiida-eqml (the QE virtualenv).
 
@@ -13,7 +14,7 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test setup clean-venv
+.PHONY: venv demo demo-dfpt test setup clean-venv
 
 $(BIN)/.installed: pyproject.toml
 	@if [ -z "$(PYTHON)" ]; then echo 'No CPython 3.11-3.13 on the PATH: install one (e.g. apt install python3.11-venv) or run make PYTHON=/path/to/python3.11' >&2; exit 1; fi
@@ -26,8 +27,14 @@ venv: $(BIN)/.installed
 setup: venv
 	$(BIN)/aiida-eqml local setup
 
-# (a) the main job: self-consistent DFPT Hubbard U of antiferromagnetic NiO (prints U per iteration).
+# (a) the main job: the ML self-consistent Hubbard loop on a material the model never saw (prints U/V per
+# iteration, the final table and the hp.x validation at the converged point).
 demo: setup
+	@$(BIN)/verdi daemon status >/dev/null 2>&1 || $(BIN)/verdi daemon start 1
+	$(BIN)/aiida-eqml hubbard run examples/structures/TiO2_rutile.extxyz --model hubbard-tmo --validate --submit
+
+# aiida-hubbard's own DFPT loop (scf -> hp.x) on AFM NiO at the cheap test cutoffs.
+demo-dfpt: setup
 	@$(BIN)/verdi daemon status >/dev/null 2>&1 || $(BIN)/verdi daemon start 1
 	$(BIN)/python examples/nio_self_consistent_u.py
 

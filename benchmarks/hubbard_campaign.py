@@ -24,6 +24,8 @@ import pathlib
 import re
 import time
 
+import numpy as np
+
 HERE = pathlib.Path(__file__).resolve().parent
 DATA = HERE / 'data' / 'hubbard_campaign'
 EXTRA = 'eqml_hubbard_campaign'  # extras key on each submitted work chain: its cell key
@@ -120,6 +122,15 @@ def _iteration_link(calc) -> str:
     return ''
 
 
+def wall_time(node) -> float:
+    """Creation of the cell's work chain to the end of its last calculation (not ``mtime``: setting an extra later
+    moves it)."""
+    from aiida import orm
+
+    ends = [n.mtime for n in node.called_descendants if isinstance(n, orm.CalcJobNode)]
+    return round(((max(ends) if ends else node.mtime) - node.ctime).total_seconds(), 1)
+
+
 def step_times(node) -> list[dict]:
     """Wall time of every CalcJob below ``node`` (creation to last modification), in order."""
     from aiida import orm
@@ -157,7 +168,7 @@ def export(key: str, name: str, strain: float, node) -> str:
         'key': key, 'material': name, 'structure_type': material.structure_type, 'order': material.order,
         'hubbard': material.hubbard, 'strain': strain, 'workchain_pk': node.pk, 'workchain_uuid': node.uuid,
         'exit_status': node.exit_status, 'exit_message': node.exit_message,
-        'wall_s': (node.mtime - node.ctime).total_seconds(), 'steps': step_times(node),
+        'wall_s': wall_time(node), 'steps': step_times(node),
         'protocol': REFERENCE_PROTOCOL, 'protocol_fingerprint': protocol_fingerprint(REFERENCE_PROTOCOL),
     }
     DATA.mkdir(parents=True, exist_ok=True)
@@ -217,19 +228,48 @@ def run(args) -> None:
             name, strain, node = in_flight[key]
             if node.is_terminated:
                 status = export(key, name, strain, node)
-                wall = (node.mtime - node.ctime).total_seconds()
+                wall = wall_time(node)
                 print(f'{time.strftime("%H:%M:%S")} {key}: {status} (exit {node.exit_status}) in {wall:.0f} s', flush=True)
                 del in_flight[key]
         time.sleep(args.poll)
 
 
-def show_plan(_args) -> None:
+def show_plan(args) -> None:
+    if args.markdown:
+        return markdown_table()
     for key, name, strain in plan():
         extra = ''
         if (DATA / f'{key}.json').exists():
             meta = json.loads((DATA / f'{key}.json').read_text())
             extra = f"{meta.get('n_samples', 0)} labels, {meta['wall_s']:.0f} s, exit {meta['exit_status']}"
         print(f'{key:34s} {state(key):7s} {extra}')
+
+
+def markdown_table() -> None:
+    """The labelled cells as a Markdown table (docs/hubbard_campaign.md is pasted from this)."""
+    from aiida_eqml.ml.dataset import Dataset
+    from aiida_eqml.ml.hubbard.records import hubbard_label_issues
+
+    print('| cell | type | iterations | wall (s) | scf smearing / fixed / hp.x per iteration (s) | gap (eV) | U (eV) per iteration | V (eV) | flagged |')
+    print('|---|---|---|---|---|---|---|---|---|')
+    for key, name, strain in plan():
+        if state(key) != 'done':
+            continue
+        meta = json.loads((DATA / f'{key}.json').read_text())
+        record = Dataset.load(DATA / f'{key}.npz')
+        samples = sorted(record.samples, key=lambda s: s.info['iteration'] or 0)
+        steps = {}
+        for step in meta['steps']:
+            kind = step['step'].split('_', 2)[-1].replace('_magnetic', '')
+            steps.setdefault(kind, []).append(step['wall_s'])
+        timing = ' / '.join(f"{sum(v) / len(v):.0f}" for k, v in sorted(steps.items(), key=lambda kv: ('smearing' not in kv[0], 'hp' in kv[0])))
+        u = ', '.join(f"{np.nanmax(s.node_targets['hubbard_u']):.2f}" for s in samples)
+        v = samples[-1].edge_targets.get('hubbard_v')
+        v_text = f"{float(np.mean(v.values)):.2f}" if v is not None and len(v.keys) else '-'
+        gap = min(samples[-1].info['band_gap_up_ev'], samples[-1].info['band_gap_down_ev'])
+        flagged = sum(bool(hubbard_label_issues(s.info)) for s in samples)
+        print(f"| {key} | {meta['structure_type']} {meta['order']} {meta['hubbard']} | {len(samples)} | "
+              f"{meta['wall_s']:.0f} | {timing} | {gap:.2f} | {u} | {v_text} | {flagged}/{len(samples)} |")
 
 
 def export_finished(args) -> None:
@@ -257,7 +297,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--profile', default=None)
     sub = parser.add_subparsers(dest='command', required=True)
-    sub.add_parser('plan').set_defaults(func=show_plan)
+    p = sub.add_parser('plan')
+    p.add_argument('--markdown', action='store_true', help='a table of the labelled cells')
+    p.set_defaults(func=show_plan)
     p = sub.add_parser('export')
     p.add_argument('--refresh', action='store_true', help='export again the cells of this profile already exported')
     p.set_defaults(func=export_finished)

@@ -130,9 +130,12 @@ def print_summary(node) -> None:
     for row in last['parameters']:
         std = f"{row['std']:.3f}" if row.get('std') is not None else '-'
         click.echo(f"{row['label']:38s} {row['value']:10.3f}   {std:>6s}   {last['source']}")
-    gaps = f"gap up/down {last['band_gap_up_ev']:.2f}/{last['band_gap_down_ev']:.2f} eV"
-    click.echo(f"last scf: {'insulator' if last['is_insulator'] else 'metal'}, {gaps}, "
-               f"|M| {last['absolute_magnetization']:.2f}, E = {last['total_energy_ev']:.4f} eV")
+    def number(value, digits=2):
+        return '?' if value is None else f'{value:.{digits}f}'
+
+    click.echo(f"last scf: {'insulator' if last['is_insulator'] else 'metal'}, gap up/down "
+               f"{number(last['band_gap_up_ev'])}/{number(last['band_gap_down_ev'])} eV, "
+               f"|M| {number(last['absolute_magnetization'])}, E = {number(last['total_energy_ev'], 4)} eV")
     if 'dfpt_comparison' in node.outputs:
         comparison = node.outputs.dfpt_comparison.get_dict()
         click.echo('\nvalidation (hp.x at the converged point)   ML      DFPT    |diff|')

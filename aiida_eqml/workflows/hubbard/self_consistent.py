@@ -38,7 +38,7 @@ from aiida_quantumespresso.workflows.protocols.utils import ProtocolMixin
 from aiida_quantumespresso.workflows.pw.base import PwBaseWorkChain
 from aiida_quantumespresso.workflows.pw.relax import PwRelaxWorkChain
 
-from aiida_eqml.data.model import EqmlModelData
+from aiida_eqml.data.model import EqmlModelData, json_safe
 from aiida_eqml.workflows.hubbard import builder as _builder
 from aiida_eqml.workflows.hubbard import steps
 from aiida_eqml.workflows.hubbard.domain import ModelDomainError, check_model_domain, is_onsite, parameter_changes, \
@@ -304,6 +304,7 @@ class SelfConsistentMLHubbardWorkChain(ProtocolMixin, WorkChain):
         record.update(steps.iteration_record(self, changes))
         checked = self.inputs.meta_convergence.value and self.ctx.iteration > self.ctx.skip_relax_iterations
         record['converged'] = bool(converged and checked)
+        record = json_safe(record)  # strict JSON for the history node (an unknown gap is NaN in the diagnostics)
         self.ctx.records.append(record)
         self.report(steps.iteration_line(record))
         self.ctx.previous = self.ctx.current
