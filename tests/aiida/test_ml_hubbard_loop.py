@@ -193,9 +193,10 @@ def test_validation_compares_with_hp_at_the_same_ground_state(ml_run):
         assert rows[atom]['ml'] == pytest.approx(output_u[atom]) and rows[atom]['dfpt'] == pytest.approx(dfpt_u[atom])
         assert rows[atom]['abs_diff'] == pytest.approx(abs(output_u[atom] - dfpt_u[atom]))
     # The model was trained on one hp.x label, at U_scf = 5 eV; at the converged U the ground state differs and a
-    # one-label model cannot know how hp.x's answer moves with it: measured 0.50 eV here, bounded loosely.
+    # one-label model cannot know how hp.x's answer moves with it: measured 0.07-0.50 eV, bounded loosely.
     assert 0.0 < comparison['mae_u'] < 1.5
-    assert comparison['mare_u'] == pytest.approx(np.mean([rows[a]['abs_diff'] / dfpt_u[a] for a in (0, 1)]))
+    u_rows = [row for row in comparison['parameters'] if row['kind'] == 'U']  # Ni1, Ni2 and the O 2p site
+    assert comparison['mare_u'] == pytest.approx(np.mean([row['abs_diff'] / abs(row['dfpt']) for row in u_rows]))
     # The validation label joins the new labels.
     assert len(results['new_labels'].get_dataset()) == 1
 
