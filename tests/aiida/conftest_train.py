@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -207,6 +208,61 @@ def _stop_daemon(client, timeout: float = 180) -> None:
     _wait(lambda: not client.is_daemon_running, timeout, 'the daemon to stop')
 
 
+@contextlib.contextmanager
+def daemon_profile(root: str, name: str):
+    """A fresh SQLite profile with a ZeroMQ broker in ``root``, loaded, with the broker service and a one-worker
+    daemon running; yields ``(profile, daemon client)`` and stops both on exit.
+
+    The broker runs beside the daemon for the whole scenario (as aiida's own test fixtures do): stopping the daemon
+    stops its workers only, and the broker's persistent queue hands the tasks to a restarted worker.
+    """
+    import signal
+    import subprocess
+
+    from aiida.engine.daemon.client import get_daemon_client
+    from aiida.manage import get_manager
+    from aiida.manage.configuration import create_profile, get_config, load_profile
+
+    config = get_config(create=True)
+    profile = create_profile(
+        config, storage_backend='core.sqlite_dos', storage_config={'filepath': os.path.join(root, 'storage')},
+        broker_backend='core.zeromq', broker_config={}, name=name, email='test@localhost', is_test_profile=True,
+    )
+    config.set_default_profile(profile.name, overwrite=True)
+    config.store()
+    load_profile(profile.name, allow_switch=True)
+    ensure_entry_points()  # PYTHONPATH now carries them to the daemon workers started below
+    broker = get_manager().get_broker()
+    broker._service_dir.mkdir(parents=True, exist_ok=True)
+    broker_process = subprocess.Popen(
+        [sys.executable, '-m', 'aiida.brokers.zeromq.service', '--service-dir', str(broker._service_dir)],
+        start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    client = get_daemon_client(profile.name)
+    try:
+        _wait(broker.check_service_reachable, 180, 'the ZeroMQ broker service')
+        client.start_daemon(number_workers=1)
+        yield profile, client
+    finally:
+        try:
+            _stop_daemon(client)
+        except Exception:  # noqa: BLE001 - already stopped, or not stoppable: the scenario's result says so
+            pass
+        broker_process.send_signal(signal.SIGINT)
+        try:
+            broker_process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            broker_process.kill()
+
+
+def daemon_log_tail(client, size: int = 4000) -> str:
+    try:
+        with open(client.daemon_log_file) as handle:
+            return handle.read()[-size:]
+    except OSError:
+        return ''
+
+
 def daemon_scenario(root: str, interrupt: bool, epochs: int) -> dict:
     """Submit a training to a real daemon (ZeroMQ broker supervised by the daemon) and wait for it.
 
@@ -216,50 +272,16 @@ def daemon_scenario(root: str, interrupt: bool, epochs: int) -> dict:
     """
     from aiida import orm
     from aiida.engine import submit
-    from aiida.engine.daemon.client import get_daemon_client
-    from aiida.manage.configuration import create_profile, get_config, load_profile
 
-    config = get_config(create=True)
-    profile = create_profile(
-        config,
-        storage_backend='core.sqlite_dos',
-        storage_config={'filepath': os.path.join(root, 'storage')},
-        broker_backend='core.zeromq',
-        broker_config={},
-        name='eqml-daemon-test',
-        email='test@localhost',
-        is_test_profile=True,
-    )
-    config.set_default_profile(profile.name, overwrite=True)
-    config.store()
-    load_profile(profile.name, allow_switch=True)
-    ensure_entry_points()  # PYTHONPATH now carries them to the daemon workers started below
-
-    from aiida_eqml.calculations.train import EqmlTrainCalculation, get_or_create_python_code
-    from aiida_eqml.data.dataset import EqmlDatasetData
-    from aiida_eqml.workflows.train import EqmlTrainWorkChain
-
-    computer = local_computer(os.path.join(root, 'work'))
-    code = get_or_create_python_code(computer)
-    dataset = EqmlDatasetData.get_or_create(tiny_dataset(4))
-    # The broker runs beside the daemon for the whole scenario (as aiida's own test fixtures do): stopping the
-    # daemon stops its workers only, and the broker's persistent queue hands the task to the restarted worker.
-    import signal
-    import subprocess
-
-    from aiida.manage import get_manager
-
-    broker = get_manager().get_broker()
-    broker._service_dir.mkdir(parents=True, exist_ok=True)
-    broker_process = subprocess.Popen(
-        [sys.executable, '-m', 'aiida.brokers.zeromq.service', '--service-dir', str(broker._service_dir)],
-        start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    _wait(broker.check_service_reachable, 180, 'the ZeroMQ broker service')
-    client = get_daemon_client(profile.name)
-    client.start_daemon(number_workers=1)
     result = {'events': []}
-    try:
+    with daemon_profile(root, 'eqml-daemon-test') as (_, client):
+        from aiida_eqml.calculations.train import EqmlTrainCalculation, get_or_create_python_code
+        from aiida_eqml.data.dataset import EqmlDatasetData
+        from aiida_eqml.workflows.train import EqmlTrainWorkChain
+
+        computer = local_computer(os.path.join(root, 'work'))
+        code = get_or_create_python_code(computer)
+        dataset = EqmlDatasetData.get_or_create(tiny_dataset(4))
         if not interrupt:
             builder = EqmlTrainCalculation.get_builder()
             builder.code = code
@@ -310,23 +332,9 @@ def daemon_scenario(root: str, interrupt: bool, epochs: int) -> dict:
             model = node.outputs.model
             result['model'] = {'species': model.species, 'targets': model.targets, 'sha256': model.sha256}
             result['epochs_run'] = node.outputs.metrics['epochs_run']
-        return result
-    finally:
-        try:
-            _stop_daemon(client)
-        except Exception:  # noqa: BLE001 - already stopped, or not stoppable: reported by the result
-            pass
-        broker_process.send_signal(signal.SIGINT)
-        try:
-            broker_process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            broker_process.kill()
         if not result.get('finished_ok'):
-            try:
-                with open(client.daemon_log_file) as handle:
-                    result['daemon_log'] = handle.read()[-4000:]
-            except OSError:
-                pass
+            result['daemon_log'] = daemon_log_tail(client)
+    return result
 
 
 def random_model_file(path, seed: int = 0, model_config: dict | None = None, metadata: dict | None = None):

@@ -27,66 +27,40 @@ print('RESULT' + json.dumps(scenario.scenario({root!r})))
 
 
 def scenario(root: str) -> dict:
-    from aiida import orm
-    from aiida.engine import submit
-    from aiida.engine.daemon.client import get_daemon_client
-    from aiida.manage import get_manager
-    from aiida.manage.configuration import create_profile, get_config, load_profile
-    from aiida_quantumespresso.common.types import SpinType
-    from conftest_train import _stop_daemon, _wait, ensure_entry_points
-
-    config = get_config(create=True)
-    profile = create_profile(
-        config, storage_backend='core.sqlite_dos', storage_config={'filepath': os.path.join(root, 'storage')},
-        broker_backend='core.zeromq', broker_config={}, name='eqml-loop-daemon-test', email='test@localhost',
-        is_test_profile=True,
-    )
-    config.set_default_profile(profile.name, overwrite=True)
-    config.store()
-    load_profile(profile.name, allow_switch=True)
-    ensure_entry_points()
-
-    from aiida_eqml.local import load_stack_config, setup_local_stack
-    from aiida_eqml.workflows.hubbard.self_consistent import SelfConsistentMLHubbardWorkChain
-    from test_occupations import nio_structure, retrieved_folder
-    from test_predict import hubbard_model_node
-
-    from aiida_eqml.calculations.functions.occupations import extract_occupations
-
-    setup_local_stack(stringency='test', echo=lambda message: None)
-    codes = load_stack_config().load_codes()
-    structure = nio_structure(False).store()
-    occupations = extract_occupations(retrieved=retrieved_folder('nio_u'), structure=structure)['occupations']
-    folder = os.path.join(root, 'models')
-    os.makedirs(folder, exist_ok=True)
     from pathlib import Path
 
-    models = [hubbard_model_node(Path(folder), structure, occupations, seed) for seed in (0, 1)]
-    builder = SelfConsistentMLHubbardWorkChain.get_builder_from_protocol(
-        codes['pw'], nio_structure(False), models, protocol='fast',
-        overrides={'meta_convergence': False, 'scf': {'kpoints_distance': 0.9}},  # one iteration: untrained models
-        spin_type=SpinType.COLLINEAR, initial_magnetic_moments={'Ni1': 2.0, 'Ni2': -2.0, 'O': 0.0},
-    )
+    from aiida import orm
+    from aiida.engine import submit
+    from aiida_quantumespresso.common.types import SpinType
+    from conftest_train import _stop_daemon, _wait, daemon_log_tail, daemon_profile
 
-    import signal
-
-    broker = get_manager().get_broker()
-    broker._service_dir.mkdir(parents=True, exist_ok=True)
-    broker_process = subprocess.Popen(
-        [sys.executable, '-m', 'aiida.brokers.zeromq.service', '--service-dir', str(broker._service_dir)],
-        start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    _wait(broker.check_service_reachable, 180, 'the ZeroMQ broker service')
-    client = get_daemon_client(profile.name)
-    client.start_daemon(number_workers=1)
     result = {'events': []}
+    with daemon_profile(root, 'eqml-loop-daemon-test') as (_, client):
+        from test_occupations import nio_structure, retrieved_folder
+        from test_predict import hubbard_model_node
 
-    def first_pw():
-        calcs = [n for n in node.called_descendants if isinstance(n, orm.CalcJobNode)]
-        return calcs[0] if calcs and calcs[0].get_job_id() is not None else None
+        from aiida_eqml.calculations.functions.occupations import extract_occupations
+        from aiida_eqml.local import load_stack_config, setup_local_stack
+        from aiida_eqml.workflows.hubbard.self_consistent import SelfConsistentMLHubbardWorkChain
 
-    try:
+        setup_local_stack(stringency='test', echo=lambda message: None)
+        codes = load_stack_config().load_codes()
+        structure = nio_structure(False).store()
+        occupations = extract_occupations(retrieved=retrieved_folder('nio_u'), structure=structure)['occupations']
+        folder = Path(root) / 'models'
+        folder.mkdir(exist_ok=True)
+        models = [hubbard_model_node(folder, structure, occupations, seed) for seed in (0, 1)]
+        builder = SelfConsistentMLHubbardWorkChain.get_builder_from_protocol(
+            codes['pw'], nio_structure(False), models, protocol='fast',
+            overrides={'meta_convergence': False, 'scf': {'kpoints_distance': 0.9}},  # one iteration: untrained models
+            spin_type=SpinType.COLLINEAR, initial_magnetic_moments={'Ni1': 2.0, 'Ni2': -2.0, 'O': 0.0},
+        )
         node = submit(builder)
+
+        def first_pw():
+            calcs = sorted((n for n in node.called_descendants if isinstance(n, orm.CalcJobNode)), key=lambda n: n.pk)
+            return calcs[0] if calcs and calcs[0].get_job_id() is not None else None
+
         _wait(lambda: node.is_terminated or first_pw() is not None, 600, 'the first pw.x job to be submitted')
         calc = first_pw()
         job_id = calc.get_job_id()
@@ -109,23 +83,9 @@ def scenario(root: str) -> dict:
             iterations=len(node.outputs.history.get_list()) if 'history' in node.outputs else 0,
             outputs=sorted(node.outputs),
         )
-        return result
-    finally:
-        try:
-            _stop_daemon(client)
-        except Exception:  # noqa: BLE001 - already stopped: reported by the result
-            pass
-        broker_process.send_signal(signal.SIGINT)
-        try:
-            broker_process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            broker_process.kill()
-        if not result.get('finished_ok'):
-            try:
-                with open(client.daemon_log_file) as handle:
-                    result['daemon_log'] = handle.read()[-4000:]
-            except OSError:
-                pass
+        if not node.is_finished_ok:
+            result['daemon_log'] = daemon_log_tail(client)
+    return result
 
 
 def test_daemon_stopped_during_an_ml_loop_and_restarted(tmp_path):
