@@ -162,9 +162,15 @@ def main(argv=None) -> None:
 
     codes = load_stack_config().load_codes()
     models = load_models(tuple(args.model or ('hubbard-tmo',)))
+    from aiida_eqml.ml.hubbard.reference import REFERENCE_MODELS, reference_metadata
+
     trained_on = set()
+    for identifier in args.model or ('hubbard-tmo',):
+        if identifier in REFERENCE_MODELS:
+            trained_on |= set(reference_metadata(identifier).get('training_materials') or [])
     for model in models:
         trained_on |= set(model.read()[2].get('training_materials') or [])
+        trained_on |= set((model.base.extras.get('eqml_reference', {}) or {}).get('training_materials') or [])
     rows = []
     for name in args.materials.split(','):
         if name in trained_on:
