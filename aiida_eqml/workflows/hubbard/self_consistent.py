@@ -307,7 +307,6 @@ class SelfConsistentMLHubbardWorkChain(ProtocolMixin, WorkChain):
         record = json_safe(record)  # strict JSON for the history node (an unknown gap is NaN in the diagnostics)
         self.ctx.records.append(record)
         self.report(steps.iteration_line(record))
-        self.ctx.previous = self.ctx.current
         self.ctx.current = self.ctx.predicted
         if not self.inputs.meta_convergence.value:
             self.ctx.is_converged = True  # one prediction only, as aiida-hubbard without meta convergence
