@@ -37,19 +37,21 @@ from aiida.engine import CalcJob
 
 from aiida_eqml.data.dataset import EqmlDatasetData
 from aiida_eqml.data.model import EqmlModelData
+from aiida_eqml.ml import rundir
 
 __all__ = ('EqmlTrainCalculation', 'get_or_create_python_code', 'check_training_inputs', 'TrainingInputError')
 
-DATASET_FILENAME = 'dataset.npz'
-CONFIG_FILENAME = 'config.json'
-PARENT_MODEL_FILENAME = 'parent.eqml'
-RESUME_FILENAME = 'resume.msgpack'
+# The run-directory contract (aiida_eqml.ml.rundir): the names the training process and this CalcJob share.
+DATASET_FILENAME = rundir.DATASET
+CONFIG_FILENAME = rundir.CONFIG
+PARENT_MODEL_FILENAME = rundir.PARENT_MODEL
+RESUME_FILENAME = rundir.RESUME
 #: Written by the walltime watchdog just before it stops the training.
-WALLTIME_MARKER = 'walltime_reached'
+WALLTIME_MARKER = rundir.WALLTIME_MARKER
 #: The exit status of the training process, written by the job script (the scheduler does not keep it).
-EXIT_STATUS_FILENAME = 'train_exit_status'
-OUTPUT_FILENAMES = ('model.eqml', 'metrics.json', 'log.csv', 'log.json', 'checkpoint.msgpack')
-TRAIN_MODULE = 'aiida_eqml.ml.train_cli'
+EXIT_STATUS_FILENAME = rundir.EXIT_STATUS_FILE
+OUTPUT_FILENAMES = rundir.OUTPUT_FILES
+TRAIN_MODULE = rundir.TRAIN_MODULE
 
 
 class TrainingInputError(ValueError):
@@ -259,7 +261,7 @@ class EqmlTrainCalculation(CalcJob):
         codeinfo.code_uuid = self.inputs.code.uuid
         codeinfo.cmdline_params = cmdline
         codeinfo.stdout_name = self.metadata.options.output_filename
-        codeinfo.stderr_name = 'train.err'
+        codeinfo.stderr_name = rundir.STDERR
         codeinfo.withmpi = self.metadata.options.withmpi
 
         calcinfo = datastructures.CalcInfo()
@@ -269,7 +271,7 @@ class EqmlTrainCalculation(CalcJob):
         calcinfo.retrieve_list = [
             *OUTPUT_FILENAMES,
             self.metadata.options.output_filename,
-            'train.err',
+            rundir.STDERR,
             WALLTIME_MARKER,
             EXIT_STATUS_FILENAME,
         ]

@@ -19,6 +19,7 @@ from aiida.parsers import Parser
 
 from aiida_eqml.calculations.train import EXIT_STATUS_FILENAME, WALLTIME_MARKER
 from aiida_eqml.data.model import EqmlModelData, json_safe
+from aiida_eqml.ml import rundir
 
 __all__ = ('EqmlTrainParser', 'learning_curve_arrays')
 
@@ -55,23 +56,23 @@ class EqmlTrainParser(Parser):
         names = set(retrieved.base.repository.list_object_names())
         walltime = WALLTIME_MARKER in names or self.node.exit_status == self.exit_codes.ERROR_SCHEDULER_OUT_OF_WALLTIME.status
 
-        if 'checkpoint.msgpack' in names:
-            with retrieved.base.repository.open('checkpoint.msgpack', 'rb') as handle:
-                self.out('checkpoint', orm.SinglefileData(handle, filename='checkpoint.msgpack'))
-        if 'log.csv' in names:
-            arrays = learning_curve_arrays(retrieved.base.repository.get_object_content('log.csv'))
+        if rundir.CHECKPOINT in names:
+            with retrieved.base.repository.open(rundir.CHECKPOINT, 'rb') as handle:
+                self.out('checkpoint', orm.SinglefileData(handle, filename=rundir.CHECKPOINT))
+        if rundir.LOG_CSV in names:
+            arrays = learning_curve_arrays(retrieved.base.repository.get_object_content(rundir.LOG_CSV))
             if arrays:
                 curve = orm.ArrayData()
                 for column, values in arrays.items():
                     curve.set_array(column, values)
                 self.out('learning_curve', curve)
 
-        if 'metrics.json' not in names:
+        if rundir.METRICS not in names:
             if walltime:
                 return self.exit_codes.ERROR_SCHEDULER_OUT_OF_WALLTIME
             return self.exit_codes.ERROR_INTERRUPTED.format(message=self._tail_of_stderr(names))
         try:
-            metrics = json.loads(retrieved.base.repository.get_object_content('metrics.json'))
+            metrics = json.loads(retrieved.base.repository.get_object_content(rundir.METRICS))
         except json.JSONDecodeError as exception:
             return self.exit_codes.ERROR_INTERRUPTED.format(message=f'metrics.json is not valid JSON ({exception})')
 
@@ -82,12 +83,12 @@ class EqmlTrainParser(Parser):
             # Keep the report short: train_cli puts the traceback in the message of unexpected errors.
             return self.exit_codes[exit_code].format(message=message.strip().splitlines()[-1] if message.strip() else status)
 
-        if 'model.eqml' not in names:
+        if rundir.MODEL not in names:
             return self.exit_codes.ERROR_CORRUPT_MODEL_OUTPUT.format(message='metrics.json says completed but model.eqml is missing')
         with tempfile.TemporaryDirectory(prefix='eqml-parse-') as scratch:
-            path = os.path.join(scratch, 'model.eqml')
+            path = os.path.join(scratch, rundir.MODEL)
             with open(path, 'wb') as handle:
-                handle.write(retrieved.base.repository.get_object_content('model.eqml', mode='rb'))
+                handle.write(retrieved.base.repository.get_object_content(rundir.MODEL, mode='rb'))
             try:
                 model = EqmlModelData(filepath=path)
             except ValueError as exception:  # ModelFileError is a ValueError
@@ -104,8 +105,8 @@ class EqmlTrainParser(Parser):
         parts = []
         if EXIT_STATUS_FILENAME in names:
             parts.append(f'exit status {self.retrieved.base.repository.get_object_content(EXIT_STATUS_FILENAME).strip()}')
-        if 'train.err' in names:
-            lines = [line for line in self.retrieved.base.repository.get_object_content('train.err').splitlines() if line.strip()]
+        if rundir.STDERR in names:
+            lines = [line for line in self.retrieved.base.repository.get_object_content(rundir.STDERR).splitlines() if line.strip()]
             if lines:
                 parts.append(lines[-1])
         return '; '.join(parts) or 'no stderr'
