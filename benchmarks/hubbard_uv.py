@@ -16,7 +16,8 @@ What ``evaluate`` does (functions in ``aiida_eqml.ml.hubbard.evaluation``):
   flagged in the output, and are neither trained on nor scored.
 * **leave one material out**: a material is composition + structure type + magnetic order (``info['material']``,
   e.g. ``NiO-rocksalt-afm2``); each is held out in turn with all its strains and iterations.
-* **model selection** only inside the training materials: candidates (``--sizes`` x ``--epochs``) are trained with
+* **model selection** only inside the training materials: candidates (``--residual`` x ``--sizes`` x ``--epochs``;
+  residual: learn U - U_scf and V - V_scf, the change hp.x makes to the scf's parameters) are trained with
   the first seed on the training materials less a validation split *of materials* (one material, or a strain cell
   when only one training material exists) and the candidate with the lowest validation MARE (mean of U and V) is
   retrained on all training materials with every seed (``--seeds``) and scored on the held-out material.
@@ -200,7 +201,11 @@ class Trainer:
         from aiida_eqml.ml.hubbard.models import hubbard_model_config
         from aiida_eqml.ml.training import train
 
+        from aiida_eqml.ml.hubbard.training import residual_targets
+
         subset = self.descriptors.subset(indices)
+        if candidate.get("residual"):
+            subset = residual_targets(subset)  # learn U - U_scf (aiida_eqml.ml.hubbard.training)
         has_v = any("hubbard_v" in s.edge_targets and np.isfinite(s.edge_targets["hubbard_v"].values).any()
                     for s in subset.samples)
         model = hubbard_model_config(self.species, self.attrs, cutoff=self.args.cutoff, predict_u=True,
@@ -216,6 +221,7 @@ class Trainer:
         result = train(subset, config, None)
         self.seconds += time.time() - t0
         self.runs += 1
+        result.residual = bool(candidate.get("residual"))
         return result
 
     def predict(self, result, rows) -> dict:
@@ -225,7 +231,8 @@ class Trainer:
         samples = sorted({r["sample"] for r in rows})
         if not samples:
             return {}
-        out = predict_hubbard(result.model, result.params, self.descriptors.subset(samples))
+        out = predict_hubbard(result.model, result.params, self.descriptors.subset(samples),
+                              residual=getattr(result, "residual", False))
         values = {}
         for index, entry in zip(samples, out):
             if "hubbard_u" in entry:
@@ -439,7 +446,8 @@ def run_evaluation(args) -> dict:
           f"materials {usable_materials}", flush=True)
     if len(usable_materials) < 2:
         raise SystemExit("leave-one-material-out needs at least two materials with usable labels")
-    candidates = [{"size": size, "epochs": int(epochs)} for size in args.sizes for epochs in args.epochs]
+    candidates = [{"size": size, "epochs": int(epochs), "residual": residual}
+                  for residual in args.residual for size in args.sizes for epochs in args.epochs]
     seeds = [args.seed + k for k in range(args.seeds)]
     trainer = Trainer(record, args)
 
@@ -543,6 +551,8 @@ def main(argv=None) -> None:
     e.add_argument("--seed", type=int, default=0, help="first seed (also of the validation and learning-curve draws)")
     e.add_argument("--epochs", type=int, nargs="+", default=[300, 600], help="candidate epoch counts for the selection")
     e.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "medium"], help="candidate model sizes")
+    e.add_argument("--residual", nargs="+", type=lambda v: {"yes": True, "no": False}[v], default=[False, True],
+                   metavar="{yes,no}", help="candidate targets: absolute U/V (no) and/or U - U_scf, V - V_scf (yes)")
     e.add_argument("--val-fraction", type=float, default=0.25, help="fraction of the training materials for validation")
     e.add_argument("--learning-curve", nargs="+", default=["auto"],
                    help="numbers of training materials, 'auto' (1, 2, 4, ... all) or 'none'")

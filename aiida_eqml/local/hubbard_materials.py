@@ -32,11 +32,15 @@ class HubbardMaterial:
 
     name: str  # e.g. 'NiO-rocksalt-afm2'
     structure_type: str
-    metal: str
+    metal: str  # the transition metal(s) with a U, e.g. 'Ni' or 'Ni,Co' for a mixed-metal cell
     order: str  # 'nm', 'fm', 'afm'
     hubbard: str  # 'U' or 'U+V'
     sites: Callable[[], tuple[np.ndarray, list[tuple[str, str, tuple[float, float, float]]]]]
     note: str = ''
+
+    @property
+    def metals(self) -> tuple[str, ...]:
+        return tuple(self.metal.split(','))
 
     def magnetization(self) -> dict[str, float] | None:
         """``{kind: starting magnetization}`` or None for a non-magnetic material."""
@@ -45,7 +49,7 @@ class HubbardMaterial:
         _, sites = self.sites()
         moments = {}
         for symbol, kind, _ in sites:
-            if symbol == self.metal:
+            if symbol in self.metals:
                 moments[kind] = -MAGNETIZATION if kind.endswith('2') and self.order == 'afm' else MAGNETIZATION
             else:
                 moments[kind] = 0.0
@@ -91,6 +95,26 @@ def _layered_r3m(metal: str, a: float, c: float, z: float, lithiated: bool, pare
     return sites
 
 
+def _layered_r3m_mixed(first: str, second: str, a: float, c: float, z: float):
+    """LiM(1/2)M'(1/2)O2: the R-3m cell of :func:`_layered_r3m` doubled along its first vector (8 atoms), the metal of
+    one copy replaced by ``second`` (a Ni/Co-ordered approximant of the solid solution; TM sites first)."""
+    parent = _layered_r3m(first, a, c, z, True)
+
+    def sites():
+        cell, atoms = parent()
+        supercell = np.array(cell) * np.array([[2.0], [1.0], [1.0]])
+        doubled = []
+        for copy in (0, 1):
+            for symbol, kind, position in atoms:
+                if copy and symbol == first:
+                    symbol, kind = second, second
+                doubled.append((symbol, kind, tuple(float(x) for x in np.asarray(position) + copy * np.asarray(cell[0]))))
+        order = {first: 0, second: 0}
+        return supercell, sorted(doubled, key=lambda site: order.get(site[0], 1))
+
+    return sites
+
+
 def _rutile(metal: str, a: float, c: float, x: float, afm: bool):
     cell = np.diag([a, a, c])
     second = f'{metal}2' if afm else f'{metal}1'
@@ -123,6 +147,9 @@ def _materials() -> dict[str, HubbardMaterial]:
                         'low-spin Co3+'),
         HubbardMaterial('LiNiO2-layered', 'layered-R-3m', 'Ni', 'fm', 'U+V', _layered_r3m('Ni', 2.878, 14.19, 0.2412, True),
                         'low-spin Ni3+, ferromagnetic layers'),
+        HubbardMaterial('Li2NiCoO4-layered', 'layered-R-3m', 'Ni,Co', 'fm', 'U+V',
+                        _layered_r3m_mixed('Ni', 'Co', 2.847, 14.12, 0.2404),
+                        '8 atoms, Ni/Co ordered along one rhombohedral vector; low-spin Ni3+ (1 muB) and Co3+'),
         HubbardMaterial('CoO2-layered', 'layered-R-3m', 'Co', 'fm', 'U+V',
                         _layered_r3m('Co', 2.82, 13.50, 0.2396, False, parent_c=14.05), 'delithiated O3 frame'),
         HubbardMaterial('NiO2-layered', 'layered-R-3m', 'Ni', 'nm', 'U+V',
@@ -155,20 +182,20 @@ def hubbard_structure(material: HubbardMaterial | str, strain: float = 1.0):
         cell=(np.asarray(cell) * strain).tolist(),
         sites=[(symbol, kind, tuple(float(x) * strain for x in position)) for symbol, kind, position in sites],
     )
-    metal_kinds = sorted({kind for symbol, kind, _ in sites if symbol == material.metal})
-    u_start = U_START_3D[material.metal]
+    metal_kinds = sorted({kind for symbol, kind, _ in sites if symbol in material.metals})
+    u_start = {kind: U_START_3D[symbol] for symbol, kind, _ in sites if symbol in material.metals}
     if material.hubbard == 'U':
         for kind in metal_kinds:  # DFT+U: QE's card holds one U per kind
-            structure.initialize_onsites_hubbard(kind, '3d', u_start, 'Ueff', use_kinds=True)
+            structure.initialize_onsites_hubbard(kind, '3d', u_start[kind], 'Ueff', use_kinds=True)
         return structure
     # DFT+U+V: every parameter is per atom in QE's card, so U goes on every TM site (``use_kinds`` would put it on the
     # first site of a kind only), and V is seeded on one TM 3d - O 2p couple per kind, which makes O 2p a Hubbard
     # manifold. No U on O 2p: hp.x computes it (Hubbard_parameters.dat) but writes to HUBBARD.dat, which aiida-hubbard
     # turns into the next scf's parameters, only the TM's U and the TM-O V (measured on LiCoO2: U(O 2p) = 9.7 eV in
     # the first iteration, absent from the second). Seeding it would make the first scf unlike all later ones.
-    for index, (symbol, _, _) in enumerate(sites):
-        if symbol == material.metal:
-            structure.append_hubbard_parameter(index, '3d', index, '3d', u_start, (0, 0, 0), 'U')
+    for index, (symbol, kind, _) in enumerate(sites):
+        if symbol in material.metals:
+            structure.append_hubbard_parameter(index, '3d', index, '3d', u_start[kind], (0, 0, 0), 'U')
     for kind in metal_kinds:
         structure.initialize_intersites_hubbard(kind, '3d', 'O', '2p', V_START, 'V', use_kinds=True)
     return structure

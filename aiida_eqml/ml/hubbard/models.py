@@ -143,6 +143,12 @@ def hubbard_predictions(predictor, record: Dataset, members: bool = False, graph
         items = [(s.to_ase(), s.node_attrs, s.edge_attrs, f"{s.label(i)}: ") for i, s in enumerate(dataset.samples)]
         given = {groups[0].graph_key: graphs} if graphs is not None and k == 0 else None
         raw = predictor._member_outputs(items, given, groups=groups, into=raw)
+        if (groups[0].metadata.get("hubbard") or {}).get("residual"):  # trained on U - U_scf (hubbard.training)
+            from .training import add_scf_values
+
+            indices = [index for group in groups for index in group.indices]
+            for s, entry in zip(dataset.samples, raw):
+                add_scf_values(entry, s, indices)
     results = []
     for s, out in zip(dataset.samples, predictor._stack(raw or [], members=True)):
         entry: dict[str, Any] = {}
@@ -165,17 +171,19 @@ def hubbard_predictions(predictor, record: Dataset, members: bool = False, graph
 
 
 def predict_hubbard(
-    model, params, dataset: Dataset, batch_size: int = 8, graphs: Sequence | None = None
+    model, params, dataset: Dataset, batch_size: int = 8, graphs: Sequence | None = None, residual: bool = False
 ) -> list[dict[str, Any]]:
     """Per sample ``{"hubbard_u": [n] eV (NaN on atoms without a manifold), "hubbard_v": (keys, [M] eV)}`` of one
     model: a thin wrapper of :meth:`aiida_eqml.ml.predict.Predictor.predict_hubbard` (same jitted path).
 
     V is reported on the couples of the sample's ``hubbard_v`` target when it has one, else on
-    those of its ``hubbard_v_scf`` input (the couples the scf used).
+    those of its ``hubbard_v_scf`` input (the couples the scf used). ``residual``: the model was trained on
+    ``U - U_scf`` (``config["hubbard"]["residual"]``, :mod:`aiida_eqml.ml.hubbard.training`).
     """
     from aiida_eqml.ml.predict import Predictor
 
-    predictor = Predictor.from_model(model, params, batch_size=batch_size)
+    metadata = {"hubbard": {"residual": True}} if residual else None
+    predictor = Predictor.from_model(model, params, metadata=metadata, batch_size=batch_size)
     results = []
     for out in hubbard_predictions(predictor, dataset, members=True, graphs=graphs):
         entry: dict[str, Any] = {}

@@ -9,13 +9,17 @@ slots from there, so a model trained on one record reads the occupations of any 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Mapping
 
-from aiida_eqml.ml.dataset import Dataset
+import numpy as np
+
+from aiida_eqml.ml.dataset import Dataset, EdgeValues
 from aiida_eqml.ml.hubbard.models import hubbard_model_config
 from aiida_eqml.ml.hubbard.records import HUBBARD_TARGET_SPECS, RAW_NODE_ATTRS, hubbard_training_dataset, record_manifolds
 
-__all__ = ("is_hubbard_record", "descriptor_slots", "prepare_hubbard_training")
+__all__ = ("is_hubbard_record", "descriptor_slots", "scf_values", "residual_targets", "add_scf_values",
+           "prepare_hubbard_training")
 
 
 def is_hubbard_record(dataset: Dataset) -> bool:
@@ -39,6 +43,49 @@ def descriptor_slots(
     return manifold_ls, pair_ls
 
 
+def scf_values(sample, kind: str, keys=None) -> np.ndarray:
+    """The U (``kind="U"``: ``[n, 1]``, 0 without a manifold) or V (``"V"``: ``[len(keys), 1]`` on the couples
+    ``keys``, 0 on couples the scf did not carry) that the scf of ``sample`` ran with, in eV."""
+    if kind == "U":
+        return np.asarray(sample.node_attrs["hubbard_u_scf"], np.float64).reshape(-1, 1)
+    from aiida_eqml.ml.graph import match_edges
+
+    keys = np.asarray(keys, np.int64).reshape(-1, 5)
+    used = sample.edge_attrs.get("hubbard_v_scf")
+    if used is None or not len(used.keys) or not len(keys):
+        return np.zeros((len(keys), 1))
+    where = match_edges(used.keys[:, 0], used.keys[:, 1], used.keys[:, 2:], keys)
+    return np.where(where[:, None] >= 0, used.values.reshape(-1, 1)[np.maximum(where, 0)], 0.0)
+
+
+def residual_targets(dataset: Dataset) -> Dataset:
+    """The same samples with ``hubbard_u`` / ``hubbard_v`` targets minus the scf's own U / V (see the module)."""
+    samples = []
+    for s in dataset.samples:
+        node_targets, edge_targets = dict(s.node_targets), dict(s.edge_targets)
+        if "hubbard_u" in node_targets:
+            u = np.asarray(node_targets["hubbard_u"], np.float64)
+            node_targets["hubbard_u"] = u - scf_values(s, "U").reshape(u.shape)
+        if "hubbard_v" in edge_targets:
+            v = edge_targets["hubbard_v"]
+            edge_targets["hubbard_v"] = EdgeValues(v.keys, v.values - scf_values(s, "V", v.keys).reshape(v.values.shape))
+        samples.append(dataclasses.replace(s, node_targets=node_targets, edge_targets=edge_targets))
+    return Dataset(samples, dataset.target_specs)
+
+
+def add_scf_values(entry: dict, sample, members) -> None:
+    """Residual predictions -> absolute U / V, in place, for the member indices ``members`` of one sample's
+    ``{head: [per member ...]}`` entry (:meth:`aiida_eqml.ml.predict.Predictor._member_outputs`)."""
+    if "hubbard_u" in entry:
+        u_scf = scf_values(sample, "U")
+        for m in members:
+            entry["hubbard_u"][m] = entry["hubbard_u"][m] + u_scf.reshape(np.shape(entry["hubbard_u"][m]))
+    if "hubbard_v" in entry:
+        v_scf = scf_values(sample, "V", entry["hubbard_v_keys"])
+        for m in members:
+            entry["hubbard_v"][m] = entry["hubbard_v"][m] + v_scf.reshape(np.shape(entry["hubbard_v"][m]))
+
+
 def prepare_hubbard_training(
     record: Dataset, config: Mapping[str, Any], parent_metadata: Mapping[str, Any] | None = None
 ) -> tuple[Dataset, dict, dict]:
@@ -51,10 +98,19 @@ def prepare_hubbard_training(
     """
     import ase.data
 
-    manifold_ls, pair_ls = descriptor_slots(record, (parent_metadata or {}).get("hubbard"))
-    dataset, attrs = hubbard_training_dataset(record, manifold_ls, pair_ls)
-
     config = copy.deepcopy(dict(config))
+    options = dict(config.pop("hubbard", None) or {})
+    parent_slots = (parent_metadata or {}).get("hubbard") or {}
+    unknown = set(options) - {"residual"}
+    if unknown:
+        raise ValueError(f"unknown hubbard training keys {sorted(unknown)}; known: ['residual']")
+    residual = bool(parent_slots.get("residual", options.get("residual", False)))
+    if parent_metadata is not None and "residual" in options and bool(options["residual"]) != residual:
+        raise ValueError(f"hubbard.residual: {options['residual']!r}, but the parent model was trained with {residual!r}")
+    manifold_ls, pair_ls = descriptor_slots(record, parent_slots)
+    dataset, attrs = hubbard_training_dataset(record, manifold_ls, pair_ls)
+    if residual:
+        dataset = residual_targets(dataset)
     model = dict(config.get("model") or {})
     if parent_metadata is None and "node_attrs" not in model:
         species = model.pop("species", None) or [ase.data.chemical_symbols[z] for z in record.atomic_numbers]
@@ -70,4 +126,7 @@ def prepare_hubbard_training(
         )
         if heads:
             config["model"]["heads"] = heads
-    return dataset, config, {"manifold_ls": list(manifold_ls), "pair_ls": [list(p) for p in pair_ls]}
+    slots = {"manifold_ls": list(manifold_ls), "pair_ls": [list(p) for p in pair_ls]}
+    if residual:
+        slots["residual"] = True  # absent (not False) otherwise: the metadata of earlier models stays as it was
+    return dataset, config, slots
