@@ -13,6 +13,7 @@ Cells whose loop failed get a ``.json`` with the failure and no ``.npz``; ``--re
     python benchmarks/hubbard_campaign.py run --jobs 2 [--only K,..] # submit / wait / export until done
     python benchmarks/hubbard_campaign.py export                     # export finished cells without submitting
     python benchmarks/hubbard_campaign.py merge OUT.npz              # one record of every exported label
+    python benchmarks/hubbard_campaign.py summary                    # label counts vs the targets -> JSON
 
 Needs a profile made by ``aiida-eqml local setup`` and a running daemon (``verdi daemon start``).
 """
@@ -22,6 +23,8 @@ import argparse
 import json
 import pathlib
 import re
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -293,6 +296,70 @@ def merge(args) -> None:
     print(f'{len(merged)} labels of {len(records)} cells -> {args.out}')
 
 
+#: The issue's targets for the campaign: materials with usable labels, U labels, symmetry-distinct V labels.
+TARGETS = {'materials': 8, 'u_labels': 120, 'v_distinct_labels': 30}
+SUMMARY = HERE.parent / 'docs' / 'benchmarks' / 'hubbard_campaign.json'
+
+
+def summary(args) -> None:
+    """Counts per cell and in total (all labels, and the usable ones: scf passing the quality filter), against
+    :data:`TARGETS`; writes ``docs/benchmarks/hubbard_campaign.json`` with the command line and the commit."""
+    from aiida_eqml.ml.dataset import Dataset
+    from aiida_eqml.ml.hubbard.evaluation import distinct_v_couples
+    from aiida_eqml.ml.hubbard.protocol import REFERENCE_PROTOCOL
+    from aiida_eqml.ml.hubbard.records import hubbard_label_issues
+
+    cells, materials = [], set()
+    totals = dict.fromkeys(('hp_runs', 'hp_runs_usable', 'u_labels', 'u_usable', 'v_labels', 'v_usable',
+                            'v_distinct_labels', 'v_distinct_usable', 'wall_s'), 0)
+    for key, name, strain in plan():
+        entry = {'key': key, 'material': name, 'strain': strain, 'state': state(key)}
+        if entry['state'] != 'todo':
+            meta = json.loads((DATA / f'{key}.json').read_text())
+            entry.update(wall_s=meta['wall_s'], exit_status=meta['exit_status'])
+            totals['wall_s'] += meta['wall_s'] or 0
+        if entry['state'] == 'done':
+            counts = dict.fromkeys(('n_samples', 'n_flagged', 'u', 'v', 'v_distinct'), 0)
+            for sample in Dataset.load(DATA / f'{key}.npz').samples:
+                usable = not hubbard_label_issues(sample.info)
+                u = sample.node_targets.get('hubbard_u')
+                n_u = int(np.isfinite(u).sum()) if u is not None else 0
+                v = sample.edge_targets.get('hubbard_v')
+                n_v = int(np.isfinite(v.values).sum()) if v is not None else 0
+                n_distinct = distinct_v_couples(sample)
+                counts['n_samples'] += 1
+                counts['n_flagged'] += not usable
+                counts['u'] += n_u
+                counts['v'] += n_v
+                counts['v_distinct'] += n_distinct
+                for field, value in (('hp_runs', 1), ('u_labels', n_u), ('v_labels', n_v), ('v_distinct_labels', n_distinct)):
+                    totals[field] += value
+                    if usable:
+                        totals[field.replace('_labels', '_usable') if field != 'hp_runs' else 'hp_runs_usable'] += value
+                if usable and (n_u or n_v):
+                    materials.add(name)
+            entry.update(counts)
+        cells.append(entry)
+    totals['materials_usable'] = sorted(materials)
+    met = {'materials': len(materials) >= TARGETS['materials'], 'u_labels': totals['u_usable'] >= TARGETS['u_labels'],
+           'v_distinct_labels': totals['v_distinct_usable'] >= TARGETS['v_distinct_labels']}
+    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    payload = {
+        'command': ' '.join(['python', 'benchmarks/hubbard_campaign.py', *args.argv]),
+        'commit': commit, 'protocol': REFERENCE_PROTOCOL, 'targets': TARGETS, 'targets_met': met,
+        'counting': 'usable = the perturbed scf passes hubbard_label_issues (converged, gapped in both spin channels); '
+                    'V symmetry-distinct: per hp.x run, couples in distinct (spglib orbit pair, bond length) classes '
+                    '(aiida_eqml.ml.hubbard.evaluation.distinct_v_couples)',
+        'totals': totals, 'cells': cells,
+    }
+    SUMMARY.write_text(json.dumps(payload, indent=1) + '\n')
+    print(f"{len(cells)} cells: {sum(c['state'] == 'done' for c in cells)} done, {sum(c['state'] == 'failed' for c in cells)} "
+          f"failed; {totals['hp_runs']} hp.x runs ({totals['hp_runs_usable']} usable); U {totals['u_usable']} usable of "
+          f"{totals['u_labels']}; V {totals['v_usable']} usable of {totals['v_labels']}, symmetry-distinct "
+          f"{totals['v_distinct_usable']} usable of {totals['v_distinct_labels']}; {len(materials)} materials with usable "
+          f"labels; targets met: {met} -> {SUMMARY}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--profile', default=None)
@@ -309,10 +376,13 @@ def main(argv=None) -> None:
     p.add_argument('--retry-failed', action='store_true')
     p.add_argument('--poll', type=float, default=20.0, help='seconds between checks')
     p.set_defaults(func=run)
+    p = sub.add_parser('summary')
+    p.set_defaults(func=summary)
     p = sub.add_parser('merge')
     p.add_argument('out')
     p.set_defaults(func=merge)
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     from aiida import load_profile
 
     load_profile(args.profile)

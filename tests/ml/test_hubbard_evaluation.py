@@ -169,3 +169,20 @@ def test_campaign_labels_have_materials_and_pass_through():
         assert ev.material_of(s) == s.info["material"] and ev.cell_of(s) == s.info["campaign_key"]
     rows = ev.label_table(record, None, ev.label_flags(record))
     assert rows and all(np.isfinite(r["truth"]) and np.isfinite(r["trace"]) for r in rows)
+
+
+def test_symmetry_distinct_v_couples_of_real_hp_runs():
+    """Rutile has two Ti-O bond lengths (4 equatorial, 2 apical per Ti): hp.x's 8 couples of TiO2 are 2 classes;
+    in AFM MnO2 the two Mn sublattices differ by their moment, so the same shell gives 4."""
+    from pathlib import Path
+
+    from aiida_eqml.ml.dataset import Dataset
+    from aiida_eqml.ml.hubbard.evaluation import distinct_v_couples
+
+    data = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "hubbard_campaign"
+    tio2 = Dataset.load(data / "TiO2_rutile_s100.npz").samples[0]
+    mno2 = Dataset.load(data / "MnO2_rutile_afm_s100.npz").samples[0]
+    assert len(tio2.edge_targets["hubbard_v"].keys) == 8 and distinct_v_couples(tio2) == 2
+    assert len(mno2.edge_targets["hubbard_v"].keys) == 8 and distinct_v_couples(mno2) == 4
+    nio = Dataset.load(data / "NiO_rocksalt_afm2_s100.npz").samples[0]  # U only
+    assert distinct_v_couples(nio) == 0

@@ -37,6 +37,7 @@ __all__ = [
     "BASELINES",
     "errors",
     "pooled_errors",
+    "distinct_v_couples",
 ]
 
 
@@ -226,3 +227,35 @@ def errors(truth, pred) -> dict:
 def pooled_errors(rows: Sequence[dict], field: str) -> dict[str, dict]:
     """``{"U": errors, "V": errors}`` of ``row[field]`` against ``row["truth"]``."""
     return {kind: errors([r["truth"] for r in _by(rows, kind)], [r[field] for r in _by(rows, kind)]) for kind in ("U", "V")}
+
+
+def distinct_v_couples(sample, symprec: float = 1e-3) -> int:
+    """How many symmetry-distinct V couples the ``hubbard_v`` target of one sample holds.
+
+    hp.x writes V for every couple of a shell, most of them equal by symmetry; two couples are counted once when
+    their unordered pair of sites is in the same pair of spglib orbits (atoms typed by element and by the sign of
+    their on-site moment, so the two AFM sublattices are distinct) at the same bond length (``symprec``, A). Bond
+    length plus orbits is an invariant of the couple, not a full orbit test: two inequivalent couples of equal
+    length between the same orbits would count once (an undercount, never an overcount).
+    """
+    import spglib
+
+    target = sample.edge_targets.get("hubbard_v")
+    if target is None or not len(target.keys):
+        return 0
+    keys = target.keys[np.isfinite(target.values.reshape(len(target.keys), -1)[:, 0])]
+    moments = np.zeros(len(sample.numbers))
+    if "occupations" in sample.node_attrs:
+        occupations = np.asarray(sample.node_attrs["occupations"])
+        if occupations.shape[1] == 2:
+            moments = np.trace(occupations[:, 0], axis1=-2, axis2=-1) - np.trace(occupations[:, 1], axis1=-2, axis2=-1)
+    types = np.asarray(sample.numbers) * 3 + np.where(moments > 0.1, 1, np.where(moments < -0.1, 2, 0))
+    cell = np.asarray(sample.cell, float)
+    fractional = np.asarray(sample.positions, float) @ np.linalg.inv(cell)
+    orbits = spglib.get_symmetry_dataset((cell, fractional, types), symprec=symprec).equivalent_atoms
+    positions = np.asarray(sample.positions, float)
+    distinct = set()
+    for i, j, *shift in keys.tolist():
+        length = np.linalg.norm(positions[j] + np.asarray(shift) @ cell - positions[i])
+        distinct.add((tuple(sorted((int(orbits[i]), int(orbits[j])))), round(float(length) / (10 * symprec))))
+    return len(distinct)
