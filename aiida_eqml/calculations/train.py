@@ -12,8 +12,10 @@ species, architecture and normalisation kept) and ``restart_checkpoint`` (resume
 datasets and config). Outputs: ``model`` (``eqml.model``), ``metrics`` (Dict), ``learning_curve`` (ArrayData, one
 array per log column), ``checkpoint`` (SinglefileData, the last epoch's state, input of a resumed run).
 
-GPUs: JAX picks the accelerator itself; ask the scheduler for one with ``metadata.options.custom_scheduler_commands``
-(e.g. ``#SBATCH --gres=gpu:1``), see ``docs/training_on_hpc.md``.
+GPUs: JAX picks the accelerator itself; ``metadata.options.gpus = N`` asks the scheduler for N of them (on
+``core.slurm``: ``#SBATCH --gres=gpu:N``, unless ``custom_scheduler_commands`` already asks for GPUs; other schedulers:
+use ``custom_scheduler_commands``) and the job records the ``CUDA_VISIBLE_DEVICES`` it was given in
+``eqml_devices.txt`` (retrieved), see ``docs/training_on_hpc.md``.
 
 Walltime: with ``metadata.options.max_wallclock_seconds`` set, a watchdog in the job script stops the training
 ``walltime_margin_seconds`` before the limit (so the last epoch's checkpoint is retrieved even on schedulers that do
@@ -50,6 +52,8 @@ RESUME_FILENAME = rundir.RESUME
 WALLTIME_MARKER = rundir.WALLTIME_MARKER
 #: The exit status of the training process, written by the job script (the scheduler does not keep it).
 EXIT_STATUS_FILENAME = rundir.EXIT_STATUS_FILE
+#: With ``metadata.options.gpus``: the devices the scheduler gave the job (``CUDA_VISIBLE_DEVICES=...``).
+DEVICES_FILENAME = 'eqml_devices.txt'
 OUTPUT_FILENAMES = rundir.OUTPUT_FILES
 TRAIN_MODULE = rundir.TRAIN_MODULE
 
@@ -194,6 +198,13 @@ class EqmlTrainCalculation(CalcJob):
             default=60,
             help='With `max_wallclock_seconds`, stop the training this many seconds before the limit (checkpoint kept).',
         )
+        spec.input(
+            'metadata.options.gpus',
+            valid_type=int,
+            required=False,
+            help='GPUs per job: on core.slurm `#SBATCH --gres=gpu:N` is added to the job script; the visible devices '
+            'are recorded in eqml_devices.txt.',
+        )
         spec.inputs['metadata']['options']['parser_name'].default = 'eqml.train'
         spec.inputs['metadata']['options']['resources'].default = {'num_machines': 1, 'num_mpiprocs_per_machine': 1}
         spec.inputs['metadata']['options']['withmpi'].default = False
@@ -219,6 +230,19 @@ class EqmlTrainCalculation(CalcJob):
         spec.exit_code(320, 'ERROR_NAN_LOSS', message='The loss became NaN: {message}')
         spec.exit_code(321, 'ERROR_DIVERGED', message='The training diverged: {message}')
         spec.exit_code(330, 'ERROR_CORRUPT_MODEL_OUTPUT', message='The written model file is unreadable: {message}')
+
+    def _setup_metadata(self, metadata: dict) -> None:
+        """Turn ``options.gpus`` into the scheduler directive before the options are stored on the node."""
+        options = dict(metadata.get('options') or {})
+        gpus = options.get('gpus')
+        computer = metadata.get('computer') or self.inputs.code.computer
+        if gpus:
+            directive = gpu_scheduler_directive(int(gpus), computer.scheduler_type if computer else None)
+            custom = options.get('custom_scheduler_commands') or ''
+            if directive and not any(flag in custom for flag in ('--gres=gpu', '--gpus', '--gres gpu')):
+                options['custom_scheduler_commands'] = '\n'.join(filter(None, [directive, custom]))
+            metadata = {**metadata, 'options': options}
+        super()._setup_metadata(metadata)
 
     async def run(self):
         """Refuse bad inputs with an exit code before uploading anything (then the normal CalcJob run)."""
@@ -274,6 +298,7 @@ class EqmlTrainCalculation(CalcJob):
             rundir.STDERR,
             WALLTIME_MARKER,
             EXIT_STATUS_FILENAME,
+            DEVICES_FILENAME,
         ]
         calcinfo.prepend_text, calcinfo.append_text = self._watchdog_texts()
         return calcinfo
@@ -286,17 +311,29 @@ class EqmlTrainCalculation(CalcJob):
         the last finished epoch is on disk (written atomically every epoch).
         """
         append = f'echo $? > {EXIT_STATUS_FILENAME}'  # first line after the command: its exit status
+        devices = ''
+        if self.metadata.options.get('gpus'):
+            devices = f'echo "CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES-}}" > {DEVICES_FILENAME}\n'
         limit = self.metadata.options.get('max_wallclock_seconds')
         if not limit:
-            return '', append
+            return devices.rstrip('\n'), append
         budget = max(int(limit) - int(self.metadata.options.get('walltime_margin_seconds', 60)), 1)
-        prepend = (
+        prepend = devices + (
             f'# aiida-eqml walltime watchdog: stop the training after {budget} s (limit {limit} s)\n'
             f'( sleep {budget} && touch {WALLTIME_MARKER} && pkill -TERM -P $$ -f {TRAIN_MODULE} ) &\n'
             'EQML_WATCHDOG_PID=$!'
         )
         append += '\nkill $EQML_WATCHDOG_PID 2> /dev/null || true'
         return prepend, append
+
+
+def gpu_scheduler_directive(gpus: int, scheduler_type: str | None) -> str | None:
+    """The job-script line that asks ``scheduler_type`` for ``gpus`` GPUs (None: no directive is known)."""
+    if gpus <= 0:
+        return None
+    if scheduler_type == 'core.slurm':
+        return f'#SBATCH --gres=gpu:{gpus}'
+    return None
 
 
 def validate_inputs(inputs, _):

