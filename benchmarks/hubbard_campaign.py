@@ -205,11 +205,19 @@ def export(key: str, name: str, strain: float, node) -> str:
 
 def run(args) -> None:
     from aiida.engine import submit
+    from sqlalchemy.exc import OperationalError
 
     from aiida_eqml.local import load_stack_config
 
     codes = load_stack_config().load_codes()
-    cells = [cell for cell in plan() if not args.only or cell[0] in args.only.split(',')]
+    if args.only:  # in the order given: a short session runs the cheap cells first
+        by_key = {cell[0]: cell for cell in plan()}
+        unknown = [key for key in args.only.split(',') if key not in by_key]
+        if unknown:
+            raise SystemExit(f'--only: unknown cell keys {unknown}')
+        cells = [by_key[key] for key in args.only.split(',')]
+    else:
+        cells = plan()
     in_flight = {}
     for key, name, strain in cells:
         node = find_node(key)
@@ -227,13 +235,19 @@ def run(args) -> None:
                 node.base.extras.set_many({EXTRA: key, f'{EXTRA}_version': VERSION})
                 print(f'{time.strftime("%H:%M:%S")} submitted {key}: pk {node.pk}', flush=True)
             in_flight[key] = (name, strain, node)
-        for key in list(in_flight):
-            name, strain, node = in_flight[key]
-            if node.is_terminated:
-                status = export(key, name, strain, node)
-                wall = wall_time(node)
-                print(f'{time.strftime("%H:%M:%S")} {key}: {status} (exit {node.exit_status}) in {wall:.0f} s', flush=True)
-                del in_flight[key]
+        try:
+            for key in list(in_flight):
+                name, strain, node = in_flight[key]
+                if node.is_terminated:
+                    status = export(key, name, strain, node)
+                    wall = wall_time(node)
+                    print(f'{time.strftime("%H:%M:%S")} {key}: {status} (exit {node.exit_status}) in {wall:.0f} s', flush=True)
+                    del in_flight[key]
+        except OperationalError as exc:  # SQLite busy (another process writing): the next poll reads again
+            print(f'{time.strftime("%H:%M:%S")} storage busy, polling again: {str(exc).splitlines()[0]}', flush=True)
+            from aiida.manage import get_manager
+
+            get_manager().get_profile_storage().get_session().rollback()
         time.sleep(args.poll)
 
 
@@ -372,7 +386,7 @@ def main(argv=None) -> None:
     p.set_defaults(func=export_finished)
     p = sub.add_parser('run')
     p.add_argument('--jobs', type=int, default=2, help='cells in flight at once (one core each)')
-    p.add_argument('--only', default='', help='comma-separated cell keys')
+    p.add_argument('--only', default='', help='comma-separated cell keys, run in this order')
     p.add_argument('--retry-failed', action='store_true')
     p.add_argument('--poll', type=float, default=20.0, help='seconds between checks')
     p.set_defaults(func=run)

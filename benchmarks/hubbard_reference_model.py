@@ -40,11 +40,12 @@ from hubbard_uv import CAMPAIGN, ROOT, SIZES, git_commit, load_labels  # noqa: E
 DEFAULT_OUT = ROOT / "aiida_eqml" / "ml" / "hubbard" / "reference" / "hubbard-tmo"
 
 
-def training_config(args, size: str, epochs: int, n_samples: int) -> dict:
+def training_config(args, size: str, epochs: int, n_samples: int, residual: bool = False) -> dict:
     """The config every member trains with (seed set per member); ``model`` is partial: ``prepare_hubbard_training``
     (train_cli) adds species, descriptor irreps and the U / V heads the record has labels for."""
     return {
         "model": {"cutoff": args.cutoff, **SIZES[size]},
+        **({"hubbard": {"residual": True}} if residual else {}),
         "epochs": int(epochs),
         "batch_size": min(args.batch_size, n_samples),
         "split": {"train": list(range(n_samples)), "val": [], "test": []},  # every usable label: errors come from the LOMO evaluation
@@ -56,16 +57,21 @@ def training_config(args, size: str, epochs: int, n_samples: int) -> dict:
     }
 
 
-def selected_hyperparameters(evaluation: dict | None, args) -> tuple[str, int, str]:
-    if args.size and args.epochs:
-        return args.size, args.epochs, "command line"
+def selected_hyperparameters(evaluation: dict | None, args) -> tuple[str, int, bool, str]:
+    """``(size, epochs, residual, where from)``: the command line, else the candidate the evaluation's validation
+    splits selected most often, else defaults."""
+    residual = {"yes": True, "no": False}.get(args.residual)
+    if args.size and args.epochs and residual is not None:
+        return args.size, args.epochs, residual, "command line"
     if evaluation:
-        votes = collections.Counter((e["selection"]["chosen"]["size"], e["selection"]["chosen"]["epochs"])
+        votes = collections.Counter((e["selection"]["chosen"]["size"], e["selection"]["chosen"]["epochs"],
+                                     bool(e["selection"]["chosen"].get("residual", False)))
                                     for e in evaluation.get("leave_one_material_out", []))
         if votes:
-            (size, epochs), _ = votes.most_common(1)[0]
-            return args.size or size, args.epochs or int(epochs), "most often selected in the evaluation"
-    return args.size or "small", args.epochs or 600, "default"
+            (size, epochs, chosen_residual), _ = votes.most_common(1)[0]
+            return (args.size or size, args.epochs or int(epochs), chosen_residual if residual is None else residual,
+                    "most often selected in the evaluation")
+    return args.size or "small", args.epochs or 600, bool(residual), "default"
 
 
 def train_in_process(record_path: Path, config: dict, seeds: list[int], work: Path) -> list[Path]:
@@ -176,6 +182,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=sorted(SIZES), default=None)
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--residual", choices=("yes", "no"), default=None,
+                        help="learn U - U_scf (default: what the evaluation selected)")
+    parser.add_argument("--hold-out", nargs="+", default=[], metavar="MATERIAL",
+                        help="materials left out of training (kept for benchmarks/ml_vs_dfpt.py: held-out materials)")
     parser.add_argument("--cutoff", type=float, default=4.0)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=5e-3)
@@ -198,7 +208,10 @@ def main(argv=None) -> None:
     flags = label_flags(record, min_gap_ev=args.min_gap)
     for index, issues in flags.items():
         record.samples[index].info["quality_issues"] = list(issues)
-    usable = [i for i in range(len(record)) if i not in flags]
+    unknown = sorted(set(args.hold_out) - {material_of(s) for s in record.samples})
+    if unknown:
+        raise SystemExit(f"--hold-out: no labels of {unknown} in the record")
+    usable = [i for i in range(len(record)) if i not in flags and material_of(record.samples[i]) not in args.hold_out]
     if not usable:
         raise SystemExit("every label is flagged by the quality filter: nothing to train on")
     train_record = record.subset(usable)
@@ -206,12 +219,13 @@ def main(argv=None) -> None:
     rows = label_table(record, usable)
     materials = sorted({material_of(record.samples[i]) for i in usable})
     evaluation = json.loads(args.evaluation.read_text()) if args.evaluation else None
-    size, epochs, source = selected_hyperparameters(evaluation, args)
+    size, epochs, residual, source = selected_hyperparameters(evaluation, args)
     seeds = [args.seed + k for k in range(args.members)]
-    config = training_config(args, size, epochs, len(train_record))
+    config = training_config(args, size, epochs, len(train_record), residual)
     print(f"{len(record)} labels from {len(files)} files, {len(flags)} flagged; training on {len(usable)} "
           f"({sum(r['kind'] == 'U' for r in rows)} U, {sum(r['kind'] == 'V' for r in rows)} V) of {len(materials)} "
-          f"materials; {args.members} x {size}/{epochs} epochs ({source})", flush=True)
+          f"materials; {args.members} x {size}/{epochs} epochs, residual {residual} ({source}); held out {args.hold_out}",
+          flush=True)
 
     out = args.out.resolve()
     with tempfile.TemporaryDirectory(prefix="hubbard-reference-") as scratch:
@@ -258,6 +272,7 @@ def main(argv=None) -> None:
         "heads": sorted(configs[0]["heads"]),
         "hubbard": metas[0]["hubbard"],
         "training_materials": materials,
+        "held_out_materials": sorted(args.hold_out),
         "n_labels": {"U": sum(r["kind"] == "U" for r in rows), "V": sum(r["kind"] == "V" for r in rows)},
         "n_samples_trained": len(usable),
         "n_flagged": len(flags),
@@ -268,6 +283,7 @@ def main(argv=None) -> None:
         "seeds": seeds,
         "size": size,
         "epochs": epochs,
+        "residual": residual,
         "hyperparameters_from": source,
         "training_config": config,
         "trained_with": trained_with,
@@ -283,7 +299,7 @@ def main(argv=None) -> None:
             "per_material": [{k: e.get(k) for k in ("material", "n_test", "mae_u", "mare_u", "mae_v", "mare_v")}
                              for e in evaluation.get("leave_one_material_out", [])],
         }
-        if sorted(evaluation.get("materials", [])) != materials:
+        if sorted(set(evaluation.get("materials", [])) - set(args.hold_out)) != materials:
             print(f"warning: the evaluation's materials {evaluation.get('materials')} differ from the training "
                   f"materials {materials}: rerun the evaluation on the same labels", file=sys.stderr)
     manifest = {"format": "aiida-eqml-ensemble", "format_version": 1, "members": entries, "metadata": meta}
