@@ -26,7 +26,7 @@ Translation invariance of E makes sum_I Z*_I = 0 and sum_I chi_I = 0 exactly.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import e3nn_jax as e3nn
 import jax
@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .graph import Graph
+from .targets import FIELD_QUANTITIES, RESPONSE_QUANTITIES
 from .tensors import tensor_type
 
 __all__ = ["EPS0", "QUANTITIES", "FIELD_QUANTITIES", "response_cartesian", "response_heads", "model_energy_fn"]
@@ -41,18 +42,8 @@ __all__ = ["EPS0", "QUANTITIES", "FIELD_QUANTITIES", "response_cartesian", "resp
 #: vacuum permittivity in e / (V Angstrom)
 EPS0 = 0.00552635
 
-#: quantity -> (level, Cartesian tensor type name / formula)
-QUANTITIES = {
-    "forces": ("node", "vector"),
-    "stress": ("graph", "stress"),
-    "dipole": ("graph", "vector"),
-    "polarization": ("graph", "vector"),
-    "born_charges": ("node", "born_charges"),
-    "susceptibility": ("graph", "dielectric"),
-    "dielectric": ("graph", "dielectric"),
-    "raman": ("node", "raman"),
-}
-FIELD_QUANTITIES = {"dipole", "polarization", "born_charges", "susceptibility", "dielectric", "raman"}
+#: quantity -> (level, Cartesian formula); defined once, with the units, in :mod:`aiida_eqml.ml.targets`
+QUANTITIES = RESPONSE_QUANTITIES
 
 # Unique field pairs (a <= b) for the symmetric second field derivative in the Raman tensor.
 _PAIRS = np.array([(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)])
@@ -89,7 +80,6 @@ def response_cartesian(energy_fn: Callable, graph: Graph, quantities, field=None
     nmask = graph.node_mask.astype(dtype)
     # Volume of padding graphs set to 1 so that masked divisions stay finite.
     volume = jnp.where(graph_mask, jnp.abs(jnp.linalg.det(cells)), 1.0)
-    node_volume = volume[graph.node_graph]
     strain0 = jnp.zeros((n_graph, 3, 3), dtype)
 
     def total_energy(pos, strain, f):
@@ -106,9 +96,7 @@ def response_cartesian(energy_fn: Callable, graph: Graph, quantities, field=None
     out = {}
     need_strain = "stress" in quantities
     argnums = (0, 1, 2) if need_strain else (0, 2)
-    (_, energies), grads = jax.value_and_grad(total_energy, argnums=argnums, has_aux=True)(
-        positions, strain0, field
-    )
+    (_, energies), grads = jax.value_and_grad(total_energy, argnums=argnums, has_aux=True)(positions, strain0, field)
     out["energy"] = energies
     grads = dict(zip(argnums, grads))
     if "forces" in quantities:

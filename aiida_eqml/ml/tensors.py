@@ -27,16 +27,18 @@ formula    index irreps       irreps                          example
 from __future__ import annotations
 
 import functools
-from typing import Mapping
+from collections.abc import Mapping
 
 import e3nn_jax as e3nn
 import jax.numpy as jnp
 import numpy as np
 
+from .targets import TARGETS
+
 __all__ = ["CartesianTensorType", "tensor_type", "KNOWN_TENSORS"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _basis(formula: str, index_irreps: tuple[tuple[str, str], ...]) -> tuple[str, np.ndarray]:
     basis = e3nn.reduced_tensor_product_basis(formula, **dict(index_irreps))
     return str(basis.irreps), np.asarray(basis.array, dtype=np.float64)
@@ -67,9 +69,9 @@ class CartesianTensorType:
             perm = perm.lstrip("-")
             tied |= {b for a, b in zip(self.indices, perm) if a != b}
         for letter in self.indices:
-            if letter not in index_irreps and not (letter in tied and any(
-                t in index_irreps for t in self._orbit(letter)
-            )):
+            if letter not in index_irreps and not (
+                letter in tied and any(t in index_irreps for t in self._orbit(letter))
+            ):
                 index_irreps.setdefault(letter, "1o")
         for letter in self.indices:  # tied indices share the irreps of their orbit
             if letter not in index_irreps:
@@ -126,7 +128,8 @@ class CartesianTensorType:
             x = x.array
         if x.shape[-1] != self.irreps.dim:
             raise ValueError(
-                f"{self.formula}: expected trailing dimension {self.irreps.dim} ({self.irreps}), got shape {tuple(x.shape)}"
+                f"{self.formula}: expected trailing dimension {self.irreps.dim} ({self.irreps}), "
+                f"got shape {tuple(x.shape)}"
             )
         xnp = np if isinstance(x, np.ndarray) else jnp
         q = self._q.astype(x.dtype)
@@ -134,14 +137,11 @@ class CartesianTensorType:
         return flat.reshape(x.shape[:-1] + self.shape)
 
 
-#: Named tensor types used across the project.
+#: Named tensor types: generic ones, and every Cartesian target of the registry (aiida_eqml.ml.targets) by its name.
 KNOWN_TENSORS = {
     "vector": ("i", {"i": "1o"}),
-    "born_charges": ("ij", {"i": "1o", "j": "1o"}),
-    "dielectric": ("ij=ji", {"i": "1o"}),
-    "stress": ("ij=ji", {"i": "1o"}),
-    "raman": ("ijk=jik", {"i": "1o", "k": "1o"}),
     "nmr_shielding": ("ij", {"i": "1e", "j": "1e"}),
+    **{name: (t.tensor, None) for name, t in TARGETS.items() if t.tensor is not None},
 }
 
 

@@ -17,6 +17,7 @@ from aiida.engine import calcfunction
 
 from aiida_eqml.data.dataset import EqmlDatasetData
 from aiida_eqml.ml.dataset import Dataset, Sample
+from aiida_eqml.ml.targets import target_specs
 
 __all__ = (
     'ENERGY_TARGET_SPECS',
@@ -38,18 +39,11 @@ __all__ = (
 #: 1 eV/Angstrom^3 in GPa (CODATA 2018 via ase.units: ase.units.GPa = 1/160.21766...).
 GPA_PER_EV_PER_ANGSTROM3 = 160.21766208
 
-ENERGY_TARGET_SPECS = {
-    'energy': {'level': 'graph', 'irreps': '0e', 'unit': 'eV'},
-    'forces': {'level': 'node', 'tensor': 'i', 'unit': 'eV/Angstrom'},
-    # ASE sign convention: stress = (1/V) dE/d(strain), so a compressed cell has negative diagonal stress.
-    'stress': {'level': 'graph', 'tensor': 'ij=ji', 'unit': 'eV/Angstrom^3'},
-}
-
-BORN_TARGET_SPECS = {
-    # Z*_{I,ab} = dP_a / dtau_Ib: first index the electric field, second the displacement.
-    'born_charges': {'level': 'node', 'tensor': 'ij', 'unit': 'e'},
-    'dielectric': {'level': 'graph', 'tensor': 'ij=ji', 'unit': '1'},
-}
+# Names, levels, formulas and units from the one registry (aiida_eqml.ml.targets). Stress in the ASE sign convention:
+# (1/V) dE/d(strain), so a compressed cell has negative diagonal stress; Born charges Z*_{I,ab} = dP_a / dtau_Ib,
+# first index the electric field, second the displacement.
+ENERGY_TARGET_SPECS = target_specs('energy', 'forces', 'stress')
+BORN_TARGET_SPECS = target_specs('born_charges', 'dielectric')
 
 
 def group_label_inputs(labels: dict, fields: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, dict]:
@@ -156,10 +150,7 @@ def harvest_born_labels(**labels) -> EqmlDatasetData:
 
 
 # ====================================================================== Hubbard U/V (hp.x)
-HUBBARD_TARGET_SPECS = {
-    'hubbard_u': {'level': 'node', 'irreps': '0e', 'unit': 'eV'},
-    'hubbard_v': {'level': 'edge', 'irreps': '0e', 'unit': 'eV'},
-}
+HUBBARD_TARGET_SPECS = target_specs('hubbard_u', 'hubbard_v')
 
 
 def hubbard_values(hubbard_structure) -> tuple[dict[int, float], dict[tuple[int, ...], float]]:

@@ -16,8 +16,9 @@ and checks the field symmetry after conversion, so a file in the other layout is
 reported instead of silently mislabelled.
 
 Every record is checked (finite values, shapes, atom count and species order against the
-majority of the readable records - not the first one, which may itself be the faulty record, cif vs QE positions, Z* acoustic sum rule, Raman field symmetry and translational
-sum rule, dielectric symmetric positive definite with eigenvalues > 1, plausible magnitudes).
+majority of the readable records - not the first one, which may itself be the faulty record, cif vs QE
+positions, Z* acoustic sum rule, Raman field symmetry and translational sum rule, dielectric symmetric positive
+definite with eigenvalues > 1, plausible magnitudes).
 Faulty records are excluded (or, with ``on_fault="mask"``, only the faulty label is set to NaN)
 and listed, by file name, in the returned :class:`LoadReport`.
 """
@@ -27,12 +28,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from aiida_eqml.ml.dataset import Dataset, Sample
+from aiida_eqml.ml.targets import target_specs
 
 __all__ = [
     "BTO_TARGET_SPECS",
@@ -46,11 +48,7 @@ __all__ = [
     "split_first_n",
 ]
 
-BTO_TARGET_SPECS = {
-    "born_charges": {"level": "node", "tensor": "ij", "unit": "e"},
-    "raman_tensors": {"level": "node", "tensor": "ijk=jik", "unit": "1/Angstrom"},
-    "dielectric": {"level": "graph", "tensor": "ij=ji", "unit": "1"},
-}
+BTO_TARGET_SPECS = target_specs("born_charges", "raman_tensors", "dielectric")  # aiida_eqml.ml.targets
 _FOLDER = {"born_charges": "born_charges", "raman_tensors": "raman_tensors", "dielectric": "dielectric"}
 _CIF_RE = re.compile(r"^structure_(\d{5})\.cif$")
 
@@ -85,7 +83,10 @@ class LoadReport:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        lines = [f"bto400 at {self.root}: {len(self.loaded)} records loaded, {len(self.excluded)} excluded, {len(self.masked)} with masked labels"]
+        lines = [
+            f"bto400 at {self.root}: {len(self.loaded)} records loaded, {len(self.excluded)} excluded, "
+            f"{len(self.masked)} with masked labels"
+        ]
         for title, table in (("excluded", self.excluded), ("masked labels", self.masked)):
             for name, reasons in sorted(table.items()):
                 lines.append(f"  {title}: {name}: " + "; ".join(reasons))
@@ -99,7 +100,11 @@ def read_qe_cards(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.nd
     ase's espresso-in reader needs a full pw.x input (namelists), which these card-only files lack.
     """
     lines = [line.strip() for line in Path(path).read_text().splitlines()]
-    headers = {line.split()[0]: i for i, line in enumerate(lines) if line and line.split()[0] in ("CELL_PARAMETERS", "ATOMIC_POSITIONS")}
+    headers = {
+        line.split()[0]: i
+        for i, line in enumerate(lines)
+        if line and line.split()[0] in ("CELL_PARAMETERS", "ATOMIC_POSITIONS")
+    }
     for card in ("CELL_PARAMETERS", "ATOMIC_POSITIONS"):
         if card not in headers:
             raise ValueError(f"{path}: no {card} card")
@@ -166,7 +171,9 @@ def check_record(
             if asr > tol.born_asr:
                 fault("born_charges", f"acoustic sum rule violated: max |sum_I Z*| = {asr:.3g} e > {tol.born_asr}")
             if np.abs(born).max() > tol.max_abs_born:
-                fault("born_charges", f"implausible magnitude max |Z*| = {np.abs(born).max():.3g} e > {tol.max_abs_born}")
+                fault(
+                    "born_charges", f"implausible magnitude max |Z*| = {np.abs(born).max():.3g} e > {tol.max_abs_born}"
+                )
     if raman is not None:
         if raman.shape != (n_atoms, 3, 3, 3):
             fault("raman_tensors", f"shape {raman.shape}, expected {(n_atoms, 3, 3, 3)}")
@@ -176,10 +183,17 @@ def check_record(
             scale = max(np.abs(raman).max(), 1e-12)
             asym = np.abs(raman - raman.transpose(0, 2, 1, 3)).max() / scale
             if asym > tol.raman_field_symmetry:
-                fault("raman_tensors", f"not symmetric in the two field indices (relative asymmetry {asym:.3g} > {tol.raman_field_symmetry}); wrong index layout?")
+                fault(
+                    "raman_tensors",
+                    f"not symmetric in the two field indices (relative asymmetry {asym:.3g} > "
+                    f"{tol.raman_field_symmetry}); wrong index layout?",
+                )
             asr = np.abs(raman.sum(axis=0)).max()
             if asr > tol.raman_asr:
-                fault("raman_tensors", f"translational sum rule violated: max |sum_I chi_I| = {asr:.3g} 1/A > {tol.raman_asr}")
+                fault(
+                    "raman_tensors",
+                    f"translational sum rule violated: max |sum_I chi_I| = {asr:.3g} 1/A > {tol.raman_asr}",
+                )
             if scale > tol.max_abs_raman:
                 fault("raman_tensors", f"implausible magnitude max |chi| = {scale:.3g} 1/A > {tol.max_abs_raman}")
     if dielectric is not None:
@@ -194,9 +208,16 @@ def check_record(
                 fault("dielectric", f"not symmetric (relative asymmetry {asym:.3g} > {tol.dielectric_symmetry})")
             eigenvalues = np.linalg.eigvalsh(0.5 * (dielectric + dielectric.T))
             if eigenvalues.min() <= 0:
-                fault("dielectric", f"not positive definite: eigenvalues {np.round(eigenvalues, 3).tolist()} (diagonal {np.round(np.diag(dielectric), 3).tolist()})")
+                fault(
+                    "dielectric",
+                    f"not positive definite: eigenvalues {np.round(eigenvalues, 3).tolist()} "
+                    f"(diagonal {np.round(np.diag(dielectric), 3).tolist()})",
+                )
             elif eigenvalues.min() <= tol.dielectric_min_eigenvalue:
-                fault("dielectric", f"eigenvalue {eigenvalues.min():.3g} <= {tol.dielectric_min_eigenvalue} (eps_inf must exceed 1)")
+                fault(
+                    "dielectric",
+                    f"eigenvalue {eigenvalues.min():.3g} <= {tol.dielectric_min_eigenvalue} (eps_inf must exceed 1)",
+                )
             if eigenvalues.max() > tol.dielectric_max_eigenvalue:
                 fault("dielectric", f"implausible eigenvalue {eigenvalues.max():.3g} > {tol.dielectric_max_eigenvalue}")
     return faults
@@ -262,7 +283,10 @@ def load_bto400(
         if not np.all(np.isfinite(atoms.positions)):
             reasons.append(f"{name}.cif: non-finite positions")
         elif symbols != reference_symbols:
-            reasons.append(f"{name}.cif: atom count/order differs from {reference_note} ({n} atoms, {atoms.get_chemical_formula()})")
+            reasons.append(
+                f"{name}.cif: atom count/order differs from {reference_note} "
+                f"({n} atoms, {atoms.get_chemical_formula()})"
+            )
         qe_path = root / "structures" / "qe" / f"{name}.scf"
         if qe_path.exists() and not reasons:
             try:

@@ -29,6 +29,7 @@ import numpy as np
 
 from aiida_eqml.ml.dataset import Dataset
 from aiida_eqml.ml.graph import match_edges
+from aiida_eqml.ml.targets import head_spec
 
 from .records import PAIR_ATTR, SITE_ATTR
 
@@ -76,9 +77,9 @@ def hubbard_model_config(
         predict_v = PAIR_ATTR in edge_attrs
     heads = {}
     if predict_u:
-        heads["hubbard_u"] = {"level": "node", "irreps": "0e"}
+        heads["hubbard_u"] = head_spec("hubbard_u")
     if predict_v:
-        heads["hubbard_v"] = {"level": "edge", "irreps": "0e"}
+        heads["hubbard_v"] = head_spec("hubbard_v")
     if not heads:
         raise ValueError("a Hubbard model must predict U, V or both")
     config = copy.deepcopy(SMALL_HUBBARD_CONFIG)

@@ -30,13 +30,14 @@ species-indexed embedding provides it (docs/architecture.md).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import e3nn_jax as e3nn
 import jax.numpy as jnp
 import numpy as np
 
 from aiida_eqml.ml.dataset import Dataset, EdgeValues, Sample
+from aiida_eqml.ml.targets import target_specs
 
 from .occupations import occupation_irreps, spin_invariant_irreps, spin_invariant_irreps_of, to_e3nn_basis
 
@@ -65,12 +66,8 @@ SITE_ATTR = "hubbard_site"
 PAIR_ATTR = "hubbard_pair"
 #: U/V inputs enter the descriptors in units of 10 eV, so they are O(1) like the occupations.
 HUBBARD_EV_SCALE = 10.0
-#: Same specs as the AiiDA harvester (``harvest.HUBBARD_TARGET_SPECS``); repeated here because the ML
-#: layer must not import aiida.
-HUBBARD_TARGET_SPECS = {
-    "hubbard_u": {"level": "node", "irreps": "0e", "unit": "eV"},
-    "hubbard_v": {"level": "edge", "irreps": "0e", "unit": "eV"},
-}
+#: From the target registry (:mod:`aiida_eqml.ml.targets`), like the AiiDA harvester's.
+HUBBARD_TARGET_SPECS = target_specs("hubbard_u", "hubbard_v")
 RAW_NODE_ATTRS = ("occupations", "hubbard_l", "hubbard_u_scf")
 RAW_EDGE_ATTRS = ("intersite_occupations", "hubbard_v_scf")
 
@@ -124,7 +121,9 @@ def site_features(
         raise ValueError(f"hubbard_l must have shape ({n},), got {hubbard_l.shape}")
     unknown = sorted(set(hubbard_l.tolist()) - set(manifold_ls) - {-1})
     if unknown:
-        raise ValueError(f"atoms with Hubbard manifold l={unknown} but the descriptor has slots for l={list(manifold_ls)}")
+        raise ValueError(
+            f"atoms with Hubbard manifold l={unknown} but the descriptor has slots for l={list(manifold_ls)}"
+        )
     width = occupations.shape[-1]
     slots = []
     for l in manifold_ls:
@@ -145,7 +144,9 @@ def pair_features(
     pair_l = np.asarray(pair_l, dtype=np.int64).reshape(m, 2)
     unknown = sorted({tuple(p) for p in pair_l.tolist()} - {tuple(p) for p in pair_ls})
     if unknown:
-        raise ValueError(f"couples with (l_I, l_J)={unknown} but the descriptor has slots for {list(map(tuple, pair_ls))}")
+        raise ValueError(
+            f"couples with (l_I, l_J)={unknown} but the descriptor has slots for {list(map(tuple, pair_ls))}"
+        )
     slots = []
     for l1, l2 in pair_ls:
         values = _block_invariants(blocks[:, :, : 2 * l1 + 1, : 2 * l2 + 1], l1, l2, False, max_l)
@@ -158,7 +159,9 @@ def pair_features(
 def check_hubbard_record(dataset: Dataset) -> None:
     """Raise ``ValueError`` naming the sample and field when ``dataset`` is not a Hubbard record."""
     if "hubbard_u" not in dataset.target_specs and "hubbard_v" not in dataset.target_specs:
-        raise ValueError(f"not a Hubbard record: no 'hubbard_u' / 'hubbard_v' target (targets: {list(dataset.target_specs)})")
+        raise ValueError(
+            f"not a Hubbard record: no 'hubbard_u' / 'hubbard_v' target (targets: {list(dataset.target_specs)})"
+        )
     for name in ("hubbard_u", "hubbard_v"):
         spec = dataset.target_specs.get(name)
         if spec is not None and (spec.get("level"), spec.get("irreps")) != (
@@ -169,17 +172,28 @@ def check_hubbard_record(dataset: Dataset) -> None:
     for index, s in enumerate(dataset.samples):
         missing = [k for k in RAW_NODE_ATTRS if k not in s.node_attrs]
         if missing:
-            raise ValueError(f"{s.label(index)}: Hubbard record lacks node attribute(s) {missing} (has {sorted(s.node_attrs)})")
+            raise ValueError(
+                f"{s.label(index)}: Hubbard record lacks node attribute(s) {missing} (has {sorted(s.node_attrs)})"
+            )
         occ = s.node_attrs["occupations"]
         if occ.ndim != 4 or occ.shape[1] != 2 or occ.shape[2] != occ.shape[3] or occ.shape[2] % 2 == 0:
-            raise ValueError(f"{s.label(index)}: node attribute 'occupations' must be [n, 2, D, D] with odd D, got {occ.shape}")
+            raise ValueError(
+                f"{s.label(index)}: node attribute 'occupations' must be [n, 2, D, D] with odd D, got {occ.shape}"
+            )
         has_pairs = "intersite_occupations" in s.edge_attrs
         if has_pairs != ("hubbard_v_scf" in s.edge_attrs):
             raise ValueError(f"{s.label(index)}: give both or neither of the edge attributes {list(RAW_EDGE_ATTRS)}")
-        if has_pairs and not np.array_equal(s.edge_attrs["intersite_occupations"].keys, s.edge_attrs["hubbard_v_scf"].keys):
-            raise ValueError(f"{s.label(index)}: 'intersite_occupations' and 'hubbard_v_scf' have different (i, j, S) keys")
+        if has_pairs and not np.array_equal(
+            s.edge_attrs["intersite_occupations"].keys, s.edge_attrs["hubbard_v_scf"].keys
+        ):
+            raise ValueError(
+                f"{s.label(index)}: 'intersite_occupations' and 'hubbard_v_scf' have different (i, j, S) keys"
+            )
         if "hubbard_v" in s.edge_targets and not has_pairs:
-            raise ValueError(f"{s.label(index)}: has V targets but no inter-site occupations (edge attribute 'intersite_occupations')")
+            raise ValueError(
+                f"{s.label(index)}: has V targets but no inter-site occupations "
+                "(edge attribute 'intersite_occupations')"
+            )
 
 
 def record_manifolds(dataset: Dataset) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
@@ -253,7 +267,8 @@ def hubbard_record_sample(
 
 def spin_channel_gaps(bands, occupations, weights, fermi_energy=None, tol: float = 0.01):
     """``[(electrons, gap_eV)]`` per spin channel of a pw.x run from its bands ``[nspin, nk, nb]`` (eV),
-    occupations (same shape, 0..1 per state; 0..2 for a non-polarized run, halved here), k weights and, for smeared occupations, the Fermi energy.
+    occupations (same shape, 0..1 per state; 0..2 for a non-polarized run, halved here), k weights and, for smeared
+    occupations, the Fermi energy.
 
     Smearing: a channel is metallic (gap 0) when one of its bands crosses the Fermi energy on the k
     mesh; otherwise the gap is lowest band above minus highest band below E_F. (The electron count of
@@ -338,8 +353,9 @@ def hubbard_label_issues(
             gaps = {k: v for k, v in gaps.items() if abs(m) < 1e-6 or (k == "up") == (m > 0)}
         for spin, gap in gaps.items():
             if not gap > min_gap_ev:
-                issues.append(f"{spin}-spin channel {'metallic' if gap <= 0 else f'gap {gap:.2f} eV'}"
-                              f" (needs > {min_gap_ev:g} eV)")
+                issues.append(
+                    f"{spin}-spin channel {'metallic' if gap <= 0 else f'gap {gap:.2f} eV'} (needs > {min_gap_ev:g} eV)"
+                )
     return issues
 
 
@@ -379,7 +395,13 @@ def hubbard_training_dataset(
     for s in record.samples:
         node_attrs = dict(s.node_attrs)
         node_attrs[SITE_ATTR] = np.asarray(
-            site_features(s.node_attrs["occupations"], s.node_attrs["hubbard_l"], s.node_attrs["hubbard_u_scf"], manifold_ls, max_l).array,
+            site_features(
+                s.node_attrs["occupations"],
+                s.node_attrs["hubbard_l"],
+                s.node_attrs["hubbard_u_scf"],
+                manifold_ls,
+                max_l,
+            ).array,
             dtype=np.float64,
         )
         edge_attrs = dict(s.edge_attrs)
@@ -394,9 +416,16 @@ def hubbard_training_dataset(
             edge_attrs[PAIR_ATTR] = EdgeValues(keys=keys, values=np.asarray(features, dtype=np.float64))
         samples.append(
             Sample(
-                numbers=s.numbers, positions=s.positions, cell=s.cell, pbc=s.pbc,
-                node_targets=dict(s.node_targets), graph_targets=dict(s.graph_targets),
-                edge_targets=dict(s.edge_targets), node_attrs=node_attrs, edge_attrs=edge_attrs, info=dict(s.info),
+                numbers=s.numbers,
+                positions=s.positions,
+                cell=s.cell,
+                pbc=s.pbc,
+                node_targets=dict(s.node_targets),
+                graph_targets=dict(s.graph_targets),
+                edge_targets=dict(s.edge_targets),
+                node_attrs=node_attrs,
+                edge_attrs=edge_attrs,
+                info=dict(s.info),
             )
         )
     attrs = {"node_attrs": {SITE_ATTR: str(site_attr_irreps(manifold_ls, max_l))}, "edge_attrs": {}}
