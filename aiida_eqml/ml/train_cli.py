@@ -3,18 +3,15 @@
     python -m aiida_eqml.ml.train_cli --dataset D.npz --config C.json --out DIR \\
         [--resume CKPT] [--parent-model M] [--no-progress]
 
-Writes into ``DIR``:
+Writes into ``DIR`` the files of the run-directory contract (:mod:`aiida_eqml.ml.rundir`: ``model.eqml``,
+``metrics.json``, ``log.csv`` / ``log.json``, ``checkpoint.msgpack``).
 
-============================ ==========================================================
-``model.eqml``               the trained model (:mod:`aiida_eqml.ml.modelfile`), best epoch
-``metrics.json``             ``status``, metrics per split/target/species, split, timings
-``log.csv`` / ``log.json``   one row per epoch
-``checkpoint.msgpack``       last epoch's state, for ``--resume``
-============================ ==========================================================
-
-Exit codes (:data:`EXIT_CODES`; ``metrics.json`` carries the same ``status`` and the message):
+Exit codes (:data:`aiida_eqml.ml.rundir.EXIT_CODES`; ``metrics.json`` carries the same ``status`` and the message):
 0 completed, 2 invalid input (dataset/config/parent/checkpoint), 3 NaN loss, 4 divergence,
 1 anything unexpected.
+
+Datasets that need preparing before the generic trainer sees them (a Hubbard record's occupation matrices become
+descriptors) are handled by the first matching entry of :data:`DATASET_PREPARERS`, the trainer's extension point.
 """
 
 from __future__ import annotations
@@ -26,19 +23,24 @@ import sys
 import time
 import traceback
 
-EXIT_CODES = {"completed": 0, "error": 1, "invalid_input": 2, "nan_loss": 3, "diverged": 4}
+from aiida_eqml.ml import rundir
+from aiida_eqml.ml.rundir import EXIT_CODES
+
 # Reported as "invalid input" (exit 2): DatasetError, ModelFileError, StructureError and ConfigError are ValueErrors
 # naming file, field and value; listed for the reader, ValueError covers them.
 INVALID_INPUT_ERRORS = (ValueError, KeyError, FileNotFoundError, IsADirectoryError, UnicodeDecodeError)
-MODEL_FILENAME = "model.eqml"
-METRICS_FILENAME = "metrics.json"
-CHECKPOINT_FILENAME = "checkpoint.msgpack"
+# The names of the run-directory contract, kept here for the callers that imported them from this module.
+MODEL_FILENAME = rundir.MODEL
+METRICS_FILENAME = rundir.METRICS
+CHECKPOINT_FILENAME = rundir.CHECKPOINT
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m aiida_eqml.ml.train_cli", description="Train an aiida-eqml model.")
     parser.add_argument("--dataset", required=True, help="dataset .npz (aiida_eqml.ml.dataset.Dataset.save)")
-    parser.add_argument("--config", required=True, help="training config JSON (see aiida_eqml.ml.training.DEFAULT_TRAINING_CONFIG)")
+    parser.add_argument(
+        "--config", required=True, help="training config JSON (see aiida_eqml.ml.training.DEFAULT_TRAINING_CONFIG)"
+    )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--resume", help="checkpoint.msgpack of an interrupted run with the same dataset and config")
     parser.add_argument("--parent-model", help="model file to fine-tune (species, architecture, normalisation kept)")
@@ -46,18 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _write_json(path: str, data) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path)
+_write_json = rundir.write_json
 
 
 def run(args: argparse.Namespace) -> int:
     from aiida_eqml.ml.dataset import Dataset
-    from aiida_eqml.ml.hubbard.protocol import record_protocol
-    from aiida_eqml.ml.hubbard.training import is_hubbard_record, prepare_hubbard_training
     from aiida_eqml.ml.modelfile import file_sha256, load_model, save_model
+    from aiida_eqml.ml.preparation import prepare_training
     from aiida_eqml.ml.training import DivergenceError, NaNLossError, train
 
     os.makedirs(args.out, exist_ok=True)
@@ -86,12 +83,9 @@ def run(args: argparse.Namespace) -> int:
             parent_info = {"path": os.path.abspath(args.parent_model), "sha256": file_sha256(args.parent_model)}
         if args.resume and not os.path.exists(args.resume):
             raise FileNotFoundError(f"--resume: {args.resume} does not exist")
-        hubbard_slots = protocol = None
-        if is_hubbard_record(dataset):  # occupation matrices -> descriptors, U/V heads (aiida_eqml.ml.hubbard.training)
-            protocol = record_protocol(dataset)  # the DFT settings of the labels: the ML loop checks them
-            dataset, config, hubbard_slots = prepare_hubbard_training(
-                dataset, config, parent_meta if args.parent_model else None
-            )
+        # Domain datasets (a Hubbard record's occupations -> descriptors, U/V heads) through the extension point.
+        prepared = prepare_training(dataset, config, parent_meta if args.parent_model else None)
+        dataset, config = prepared.dataset, prepared.config
     except INVALID_INPUT_ERRORS as exc:  # json.JSONDecodeError is a ValueError
         return finish("invalid_input", f"{type(exc).__name__}: {exc}")
 
@@ -114,10 +108,7 @@ def run(args: argparse.Namespace) -> int:
         "dataset_sha256": file_sha256(args.dataset),
         "parent_model": parent_info,
     }
-    if hubbard_slots is not None:
-        metadata["hubbard"] = hubbard_slots  # what prediction needs to read another scf's occupations
-    if protocol is not None:
-        metadata["protocol"] = protocol
+    metadata.update(prepared.metadata)  # e.g. the Hubbard descriptor slots and protocol prediction reads
     model_path = os.path.join(args.out, MODEL_FILENAME)
     model_sha = save_model(model_path, result.model_config, result.params, metadata)
     return finish(
@@ -138,16 +129,21 @@ def train_command(dataset, config, out, resume=None, parent_model=None, progress
     """The training run both command lines make (``python -m aiida_eqml.ml.train_cli``, which the ``eqml.train``
     CalcJob runs, and ``aiida-eqml train``): writes ``out`` (see the module docstring), returns the exit code."""
     args = argparse.Namespace(
-        dataset=os.fspath(dataset), config=os.fspath(config), out=os.fspath(out),
+        dataset=os.fspath(dataset),
+        config=os.fspath(config),
+        out=os.fspath(out),
         resume=None if resume is None else os.fspath(resume),
-        parent_model=None if parent_model is None else os.fspath(parent_model), no_progress=not progress,
+        parent_model=None if parent_model is None else os.fspath(parent_model),
+        no_progress=not progress,
     )
     try:
         return run(args)
     except Exception:  # unexpected: keep the traceback for the CalcJob's stderr
         traceback.print_exc()
         try:
-            _write_json(os.path.join(args.out, METRICS_FILENAME), {"status": "error", "message": traceback.format_exc()})
+            _write_json(
+                os.path.join(args.out, METRICS_FILENAME), {"status": "error", "message": traceback.format_exc()}
+            )
         except OSError:
             pass
         return EXIT_CODES["error"]
