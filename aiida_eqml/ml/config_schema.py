@@ -11,7 +11,8 @@ without interactions before, a NaN learning rate trained NaNs, all-NaN targets t
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -61,8 +62,10 @@ def _species(key: str, value) -> None:
     if not isinstance(value, (list, tuple)) or not value:
         _fail(key, value, "a non-empty list of chemical symbols")
     for item in value:
-        ok = item in chemical_symbols[1 : _MAX_Z + 1] if isinstance(item, str) else (
-            isinstance(item, (int, np.integer)) and not isinstance(item, bool) and 1 <= item <= _MAX_Z
+        ok = (
+            item in chemical_symbols[1 : _MAX_Z + 1]
+            if isinstance(item, str)
+            else (isinstance(item, (int, np.integer)) and not isinstance(item, bool) and 1 <= item <= _MAX_Z)
         )
         if not ok:
             _fail(f"{key} entry", item, "a chemical symbol (or atomic number 1..118)")
@@ -73,13 +76,16 @@ def _species(key: str, value) -> None:
 _MODEL_CHECKS = {
     "species": _species,
     "cutoff": lambda k, v: _number(k, v, low=0.0, high=_MAX_CUTOFF, low_open=True),
-    "architecture": lambda k, v: v in ("nequip", "mace") or _fail(k, v, "'nequip' or 'mace'"),
+    "architecture": lambda k, v: _architecture(k, v),
     "num_layers": lambda k, v: _int(k, v, 1, 64),
     "hidden_irreps": _irreps,
     "sh_lmax": lambda k, v: _int(k, v, 0, 8),
     "num_radial_basis": lambda k, v: _int(k, v, 1, 256),
     "envelope_p": lambda k, v: _int(k, v, 1, 64),
-    "radial_hidden": lambda k, v: (isinstance(v, (list, tuple)) and [_int(f"{k} entry", x, 1, 4096) for x in v]) or _fail(k, v, "a list of layer widths"),
+    "radial_hidden": lambda k, v: (
+        (isinstance(v, (list, tuple)) and [_int(f"{k} entry", x, 1, 4096) for x in v])
+        or _fail(k, v, "a list of layer widths")
+    ),
     "avg_num_neighbors": lambda k, v: _number(k, v, low=0.0, low_open=True),
     "correlation": lambda k, v: _int(k, v, 1, 8),
     "mace_channels": lambda k, v: _int(k, v, 1, 4096),
@@ -95,6 +101,13 @@ _MODEL_CHECKS = {
 }
 
 
+def _architecture(key: str, value) -> None:
+    from .architectures import ARCHITECTURES  # the registry imports this module's checks: import it late
+
+    if not isinstance(value, str) or value not in ARCHITECTURES:
+        _fail(key, value, "one of " + ", ".join(repr(name) for name in sorted(ARCHITECTURES)))
+
+
 def _irreps_dict(key: str, value) -> None:
     if not isinstance(value, dict):
         _fail(key, value, "an object {name: irreps}")
@@ -103,10 +116,18 @@ def _irreps_dict(key: str, value) -> None:
 
 
 def validate_model_config(config: Mapping[str, Any], where: str = "model") -> None:
-    """Types and ranges of the keys present in a model config (defaults and unknown keys: ``models.normalize_config``)."""
+    """Types and ranges of the keys present in a model config.
+
+    Defaults and unknown keys: ``models.normalize_config``; an architecture's own keys: its registry entry."""
     if not isinstance(config, Mapping):
         _fail(where, config, "an object")
     for key, check in _MODEL_CHECKS.items():
+        if key in config:
+            check(f"{where}.{key}", config[key])
+    from .architectures import ARCHITECTURES
+
+    own = ARCHITECTURES[config["architecture"]].checks if config.get("architecture") in ARCHITECTURES else {}
+    for key, check in own.items():  # an architecture's own keys (unknown keys are refused by normalize_config)
         if key in config:
             check(f"{where}.{key}", config[key])
     for name, head in (config.get("heads") or {}).items():
@@ -115,7 +136,9 @@ def validate_model_config(config: Mapping[str, Any], where: str = "model") -> No
 
 
 def _optimizer(opt: Mapping[str, Any]) -> None:
-    _number("optimizer.learning_rate", opt["learning_rate"], low=0.0, low_open=True)  # large rates may diverge: the loop stops them
+    _number(
+        "optimizer.learning_rate", opt["learning_rate"], low=0.0, low_open=True
+    )  # large rates may diverge: the loop stops them
     _number("optimizer.weight_decay", opt["weight_decay"], low=0.0)
     _int("optimizer.warmup_epochs", opt["warmup_epochs"], 0)
     if opt["schedule"] == "exponential":

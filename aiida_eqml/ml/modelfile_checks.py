@@ -30,7 +30,8 @@ def _json_object(path: str, field: str, text: str) -> dict:
     except (json.JSONDecodeError, RecursionError) as exc:
         raise ModelFileError(f"{path}: corrupt model file, {field} is not JSON ({exc})") from exc
     if not isinstance(value, dict):
-        raise ModelFileError(f"{path}: corrupt model file, {field} is a JSON {type(value).__name__}, expected an object")
+        kind = type(value).__name__
+        raise ModelFileError(f"{path}: corrupt model file, {field} is a JSON {kind}, expected an object")
     return value
 
 
@@ -42,7 +43,8 @@ def check_payload(path: str, payload: dict) -> tuple[dict, dict]:
             raise ModelFileError(f"{path}: corrupt model file, entry {field!r} missing")
         if not isinstance(payload[field], kind):
             raise ModelFileError(
-                f"{path}: corrupt model file, entry {field!r} is a {type(payload[field]).__name__}, expected {kind.__name__}"
+                f"{path}: corrupt model file, entry {field!r} is a {type(payload[field]).__name__}, "
+                f"expected {kind.__name__}"
             )
     blob = payload["params"]
     if version == 2:
@@ -88,12 +90,15 @@ def restore_params(path: str, blob: bytes) -> dict:
 
 
 def _expected_modules(model) -> set[str]:
-    """Top-level flax modules the network creates for this config (see ``models.EquivariantNetwork``)."""
+    """Top-level flax modules the network creates for this config (see ``models.EquivariantNetwork``): the
+    embedding, the heads and the output field coupling, and those of the architecture's trunk (its registry entry)."""
+    from aiida_eqml.ml.architectures import get_architecture
+
     cfg = model.config
-    names = {"embedding"} | {f"layer_{i}" for i in range(cfg["num_layers"])}
+    names = {"embedding"} | get_architecture(cfg["architecture"]).modules(cfg)
     names |= {f"head_{name}" for name, head in model.heads.items() if head.route == "direct"}
     if cfg["field"]:
-        names |= {f"field_{i}" for i in range(cfg["num_layers"])} | {"field_out"}
+        names.add("field_out")
     return names
 
 
@@ -127,5 +132,3 @@ def _leaves(tree, where="params"):
             yield from _leaves(value, f"{where}/{key}")
     else:
         yield where, tree
-
-

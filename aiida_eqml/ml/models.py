@@ -12,11 +12,15 @@ Config keys (defaults in :data:`DEFAULT_CONFIG`):
 ``cutoff``
     neighbour cutoff (Angstrom) used for the graphs and the radial envelope.
 ``architecture``
-    ``"nequip"`` (tensor-product convolution + gate) or ``"mace"`` (adds a product basis of
-    ``correlation`` atomic-basis copies: body order ``correlation + 1``).
+    a name in :data:`aiida_eqml.ml.architectures.ARCHITECTURES`: ``"nequip"`` (tensor-product
+    convolution + gate), ``"mace"`` (adds a product basis of ``correlation`` atomic-basis copies:
+    body order ``correlation + 1``) or ``"allegro"`` (strictly local, edge-based tensor products,
+    :mod:`aiida_eqml.ml.allegro`; its keys ``allegro_channels``, ``allegro_lmax``,
+    ``allegro_latent`` exist only in Allegro configs).
 ``num_layers``, ``hidden_irreps``, ``sh_lmax``, ``num_radial_basis``, ``envelope_p``,
 ``radial_hidden``, ``avg_num_neighbors``, ``correlation``, ``mace_channels``, ``mace_lmax``
-    network sizes.
+    network sizes (the ``mace_*`` and ``correlation`` keys are in every config: files written before the
+    registry carry them).
 ``node_attrs``, ``edge_attrs``
     ``{name: irreps}`` extra inputs expected in ``graph.node_attrs`` / ``graph.edge_attrs``;
     node attributes are mixed (species-indexed linear map) into the initial node features,
@@ -55,16 +59,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .architectures import TrunkInputs, get_architecture
 from .graph import Graph, edge_vectors
-from .layers import (
-    EdgeReadout,
-    FieldCoupling,
-    MACELayer,
-    NequIPLayer,
-    NodeReadout,
-    radial_basis,
-    safe_norm_vectors,
-)
+from .layers import EdgeReadout, FieldCoupling, NodeReadout, radial_basis, safe_norm_vectors
 from .tensors import CartesianTensorType, tensor_type
 
 __all__ = ["DEFAULT_CONFIG", "HeadSpec", "EquivariantModel", "EquivariantNetwork", "build_model", "normalize_config"]
@@ -146,15 +143,18 @@ def _parse_head(name: str, spec: dict, energy_head: str) -> HeadSpec:
 def normalize_config(config: dict) -> dict:
     """Config with defaults filled in, validated, still plain JSON (a deep copy)."""
     config = copy.deepcopy(dict(config))
-    unknown = set(config) - set(DEFAULT_CONFIG) - {"species"}
+    architecture = get_architecture(config.get("architecture", DEFAULT_CONFIG["architecture"]))
+    # An architecture's own keys are known (and filled in) only when it is chosen: the configs of the others,
+    # and so their stored files and content hashes, stay what they were.
+    known = set(DEFAULT_CONFIG) | set(architecture.defaults) | {"species"}
+    unknown = set(config) - known
     if unknown:
-        raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(DEFAULT_CONFIG) + ['species']}")
+        raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
     if not config.get("species"):
         raise ValueError("model config needs 'species': the list of chemical symbols the model knows")
     full = copy.deepcopy(DEFAULT_CONFIG)
+    full.update(copy.deepcopy(dict(architecture.defaults)))
     full.update(config)
-    if full["architecture"] not in ("nequip", "mace"):
-        raise ValueError(f"architecture must be 'nequip' or 'mace', got {full['architecture']!r}")
     heads = dict(full["heads"])
     energy = full["energy_head"]
     if any(h.get("route") == "derivative" for h in heads.values()) and energy not in heads:
@@ -176,7 +176,11 @@ def _field_features(field: jnp.ndarray) -> e3nn.IrrepsArray:
 
 
 def _scalar_mask(irreps: e3nn.Irreps) -> np.ndarray:
-    return np.concatenate([np.full(ir.dim * mul, ir == e3nn.Irrep("0e")) for mul, ir in irreps]) if irreps.dim else np.zeros(0, bool)
+    return (
+        np.concatenate([np.full(ir.dim * mul, ir == e3nn.Irrep("0e")) for mul, ir in irreps])
+        if irreps.dim
+        else np.zeros(0, bool)
+    )
 
 
 class EquivariantNetwork(nn.Module):
@@ -228,29 +232,24 @@ class EquivariantNetwork(nn.Module):
         use_field = bool(cfg["field"])
         if use_field:
             if field is None:
-                field = graph.globals["field"].array if "field" in graph.globals else jnp.zeros((cells.shape[0], 3), dtype)
+                field = (
+                    graph.globals["field"].array if "field" in graph.globals else jnp.zeros((cells.shape[0], 3), dtype)
+                )
             field_feats = _field_features(field.astype(dtype))[graph.node_graph]
 
-        layer_kwargs = dict(
-            num_species=num_species,
-            avg_num_neighbors=float(cfg["avg_num_neighbors"]),
-            radial_hidden=tuple(cfg["radial_hidden"]),
+        # The trunk (NequIP, MACE, Allegro...) comes from the registry; its modules are named in this scope.
+        trunk_inputs = TrunkInputs(
+            species=graph.species,
+            edge_angular=edge_angular,
+            edge_scalars=edge_scalars,
+            lengths=lengths,
+            senders=graph.senders,
+            receivers=graph.receivers,
+            edge_mask=graph.edge_mask,
+            field_feats=field_feats if use_field else None,
+            hidden=hidden,
         )
-        for i in range(cfg["num_layers"]):
-            if use_field:
-                x = FieldCoupling(name=f"field_{i}")(x, field_feats)
-            if cfg["architecture"] == "nequip":
-                layer = NequIPLayer(hidden, name=f"layer_{i}", **layer_kwargs)
-            else:
-                layer = MACELayer(
-                    hidden,
-                    correlation=int(cfg["correlation"]),
-                    channels=int(cfg["mace_channels"]),
-                    lmax_a=int(cfg["mace_lmax"]),
-                    name=f"layer_{i}",
-                    **layer_kwargs,
-                )
-            x = layer(x, graph.species, edge_angular, edge_scalars, graph.senders, graph.receivers, graph.edge_mask)
+        x = get_architecture(cfg["architecture"]).trunk(cfg, x, trunk_inputs)
         if use_field:
             x = FieldCoupling(name="field_out")(x, field_feats)
 
@@ -261,9 +260,9 @@ class EquivariantNetwork(nn.Module):
             scale = float(norm.get("scale", 1.0))
             shift = norm.get("species_shift")
             if head.level == "edge":
-                out = EdgeReadout(head.irreps, tuple(cfg["radial_hidden"]), cfg["readout_product_mul"], name=f"head_{name}")(
-                    x, edge_angular, edge_scalars, graph.senders, graph.receivers, graph.edge_mask
-                )
+                out = EdgeReadout(
+                    head.irreps, tuple(cfg["radial_hidden"]), cfg["readout_product_mul"], name=f"head_{name}"
+                )(x, edge_angular, edge_scalars, graph.senders, graph.receivers, graph.edge_mask)
                 out = out * scale
                 if shift is not None:
                     table = _shift_table(shift, (num_species, num_species), head.irreps, name, dtype)
@@ -271,7 +270,9 @@ class EquivariantNetwork(nn.Module):
                     out = out + e3nn.IrrepsArray(out.irreps, pair_shift * graph.edge_mask[:, None])
                 outputs[name] = out
                 continue
-            out = NodeReadout(head.irreps, num_species, cfg["readout_product_mul"], name=f"head_{name}")(x, graph.species)
+            out = NodeReadout(head.irreps, num_species, cfg["readout_product_mul"], name=f"head_{name}")(
+                x, graph.species
+            )
             out = out * scale
             if shift is not None:
                 out = out + e3nn.IrrepsArray(
@@ -368,6 +369,7 @@ class EquivariantModel:
 
 def _cast_graph(graph: Graph, dtype) -> Graph:
     """Floating inputs in the model's dtype (int/bool fields untouched)."""
+
     def cast(x):
         return x.astype(dtype) if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) else x
 

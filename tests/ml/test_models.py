@@ -1,4 +1,4 @@
-"""Direct-route heads: equivariance, permutation, translation, supercell, padding, jit reuse."""
+"""Direct-route heads of every architecture: equivariance, permutation, translation, supercell, padding, jit reuse."""
 
 import e3nn_jax as e3nn
 import jax
@@ -45,9 +45,18 @@ def _batch(graphs):
     return batch_graphs(graphs, *padding_bucket(n, e, len(graphs)))
 
 
-@pytest.fixture(scope="module", params=["nequip", "mace"])
+# Keys only one architecture knows (the registry refuses them for the others).
+OWN_KEYS = {"allegro": {"allegro_channels": 2, "allegro_lmax": 2, "allegro_latent": [8]}}
+ARCHITECTURES = ["nequip", "mace", "allegro"]
+
+
+def tiny_config(architecture: str, **overrides) -> dict:
+    return {**TINY, "architecture": architecture, **OWN_KEYS.get(architecture, {}), **overrides}
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
 def model_and_params(request):
-    model = build_model(dict(TINY, architecture=request.param))
+    model = build_model(tiny_config(request.param))
     atoms = _make_atoms()
     params = model.init(jax.random.PRNGKey(0), _batch([_graph(atoms)]))
     return model, params, jax.jit(model.apply)
@@ -166,15 +175,23 @@ def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="derivative quantity 'bogus' unknown"):
         build_model({"species": SPECIES, "heads": {"bogus": {"route": "derivative"}}})
     with pytest.raises(ValueError, match="normalization given for unknown head 'x'"):
-        build_model({"species": SPECIES, "heads": {"e": {"level": "graph", "irreps": "0e"}}, "normalization": {"x": {}}})
+        build_model(
+            {"species": SPECIES, "heads": {"e": {"level": "graph", "irreps": "0e"}}, "normalization": {"x": {}}}
+        )
 
 
 def test_normalization_scale_and_species_shift():
     import jax.numpy as jnp
 
-    base = {"species": SPECIES, "cutoff": CUTOFF, "num_layers": 1, "hidden_irreps": "4x0e + 2x1o",
-            "radial_hidden": [8], "num_radial_basis": 4,
-            "heads": {"q": {"level": "node", "irreps": "0e + 1o"}}}
+    base = {
+        "species": SPECIES,
+        "cutoff": CUTOFF,
+        "num_layers": 1,
+        "hidden_irreps": "4x0e + 2x1o",
+        "radial_hidden": [8],
+        "num_radial_basis": 4,
+        "heads": {"q": {"level": "node", "irreps": "0e + 1o"}},
+    }
     shift = [[1.0, 5.0, 5.0, 5.0], [2.0, 0, 0, 0], [3.0, 0, 0, 0]]  # 1o entries are ignored
     plain = build_model(base)
     scaled = build_model(dict(base, normalization={"q": {"scale": 2.0, "species_shift": shift}}))
@@ -197,3 +214,55 @@ def test_unknown_species_rejected(random_atoms):
     atoms = ase.Atoms("BaCu", positions=[[0, 0, 0], [1.5, 1.5, 1.5]], cell=np.eye(3) * 4, pbc=True)
     with pytest.raises(ValueError, match=r"Cu not in the model's species \['Ba', 'Ti', 'O'\]"):
         graph_from_atoms(atoms, CUTOFF, SPECIES)
+
+
+def test_architecture_registry_refuses_unknown_names_and_foreign_keys():
+    from aiida_eqml.ml.architectures import ARCHITECTURES as REGISTRY
+
+    assert {"nequip", "mace", "allegro"} <= set(REGISTRY)
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        build_model(dict(TINY, architecture="transformer"))
+    with pytest.raises(ValueError, match="unknown model config keys \\['allegro_channels'\\]"):
+        build_model(dict(TINY, architecture="nequip", allegro_channels=4))
+    assert build_model(tiny_config("allegro")).config["allegro_channels"] == 2
+    assert "allegro_channels" not in build_model(tiny_config("nequip")).config  # other configs unchanged
+
+
+@pytest.mark.parametrize("architecture", ["allegro", "nequip"])
+def test_receptive_field(architecture):
+    """Allegro is strictly local: moving an atom outside the cutoff of atom 0 leaves atom 0's outputs unchanged
+    (two message-passing layers of NequIP see it through a common neighbour)."""
+    import ase
+
+    config = tiny_config(architecture, num_layers=2, node_attrs={}, heads={"q": {"level": "node", "irreps": "0e + 1o"}})
+    model = build_model(config)
+    # A chain Ba(0) - O(2.5 A) - Ti(5 A) in a large box: Ti is a neighbour of O, not of Ba (cutoff 3.5 A).
+    atoms = ase.Atoms("BaOTi", positions=[[0, 0, 0], [2.5, 0, 0], [5.0, 0, 0]], cell=np.eye(3) * 20, pbc=True)
+    moved = atoms.copy()
+    moved.positions[2] += [0.3, 0.4, 0.0]  # still within the cutoff of O, never of Ba
+    graphs = [graph_from_atoms(a, CUTOFF, SPECIES) for a in (atoms, moved)]
+    params = model.init(jax.random.PRNGKey(3), _batch([graphs[0]]))
+    out = [np.asarray(model.apply(params, _batch([g]))["q"].array) for g in graphs]
+    change_of_ba = np.abs(out[0][0] - out[1][0]).max()
+    change_of_o = np.abs(out[0][1] - out[1][1]).max()
+    assert change_of_o > 1e-6
+    if architecture == "allegro":
+        assert change_of_ba == 0.0
+    else:
+        assert change_of_ba > 1e-7
+
+
+def test_allegro_model_file_round_trip(tmp_path):
+    """An Allegro model file passes the load-time checks (config schema, weights vs modules) and predicts the same."""
+    from aiida_eqml.ml.modelfile import load_model, save_model
+
+    model = build_model(tiny_config("allegro", heads={"born": TINY["heads"]["born"]}))
+    graph = _batch([_graph(_make_atoms())])
+    params = model.init(jax.random.PRNGKey(5), graph)
+    save_model(tmp_path / "allegro.eqml", model.config, params)
+    loaded, loaded_params, meta = load_model(tmp_path / "allegro.eqml")
+    assert loaded.config == model.config and meta["config"]["architecture"] == "allegro"
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(loaded.apply)(loaded_params, graph)["born"].array),
+        np.asarray(jax.jit(model.apply)(params, graph)["born"].array),
+    )

@@ -1,4 +1,4 @@
-"""Derivative-route heads from E(R, eps, F): equivariance, sum rules, finite differences (float64)."""
+"""Derivative heads from E(R, eps, F), NequIP and Allegro: equivariance, sum rules, finite differences (float64)."""
 
 import e3nn_jax as e3nn
 import jax
@@ -8,7 +8,6 @@ import pytest
 from aiida_eqml.ml.graph import batch_graphs, graph_from_atoms
 from aiida_eqml.ml.models import build_model
 from aiida_eqml.ml.response import EPS0
-from aiida_eqml.ml.tensors import tensor_type
 
 SPECIES = ["Ba", "Ti", "O"]
 CUTOFF = 3.5
@@ -48,13 +47,17 @@ def _atoms():
     return ase.Atoms(["Ba", "Ti", "O", "O"], scaled_positions=frac, cell=cell, pbc=True)
 
 
-@pytest.fixture(scope="module")
-def setup():
+# Allegro's own sizes, tiny like the rest (its trunk reaches the field through the node embedding).
+OWN_KEYS = {"allegro": {"allegro_channels": 2, "allegro_lmax": 2, "allegro_latent": [8]}}
+
+
+@pytest.fixture(scope="module", params=["nequip", "allegro"])
+def setup(request):
     with jax.enable_x64(True):
         g = graph_from_atoms(_atoms(), CUTOFF, SPECIES)
         graph = batch_graphs([g], N_ATOMS + 2, len(g.senders) + 6, 2, dtype=np.float64)
         graph = graph._replace(globals={"field": e3nn.IrrepsArray("1o", FIELD.copy())})
-        model = build_model(CONFIG)
+        model = build_model({**CONFIG, "architecture": request.param, **OWN_KEYS.get(request.param, {})})
         params = model.init(jax.random.PRNGKey(0), graph)
         apply = jax.jit(model.apply)
 
