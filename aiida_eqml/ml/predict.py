@@ -22,6 +22,11 @@ for tensor heads, ``[..., irreps.dim]`` otherwise.
 
 :func:`cached_predictor` keeps loaded predictors per model hash for the life of the process, so a daemon worker
 that predicts in every iteration of a loop loads and compiles a model once.
+
+Across processes, a Predictor turns on JAX's persistent compilation cache (:func:`enable_compilation_cache`): at
+``$AIIDA_EQML_XLA_CACHE`` or ``~/.cache/aiida-eqml/xla``, unless ``JAX_COMPILATION_CACHE_DIR`` (or
+``jax_compilation_cache_dir``) is already set; ``AIIDA_EQML_XLA_CACHE=off`` turns it off. A new process then loads
+the compiled executables instead of compiling again (``docs/benchmarks.md``, Predictor latency).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ __all__ = [
     "clear_predictor_cache",
     "ensemble_statistics",
     "to_cartesian",
+    "enable_compilation_cache",
 ]
 
 
@@ -83,6 +89,56 @@ def to_cartesian(values, spec: Mapping[str, Any] | None = None, head=None) -> np
     ttype = tensor_type(spec["tensor"]) if spec and "tensor" in spec else getattr(head, "tensor", None)
     values = np.asarray(values, np.float64)
     return np.asarray(ttype.to_cartesian(values), np.float64) if ttype is not None else values
+
+
+# ====================================================================== persistent compilation cache
+#: Environment variable with the Predictor's compilation-cache directory (``off``, ``0`` or ``none``: no cache).
+CACHE_ENV = "AIIDA_EQML_XLA_CACHE"
+
+
+def default_compilation_cache_dir() -> str | None:
+    """``$AIIDA_EQML_XLA_CACHE``, else ``$XDG_CACHE_HOME/aiida-eqml/xla`` (``~/.cache/aiida-eqml/xla``); ``None`` when
+    the variable says ``off``."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "0", "off", "none", "false", "no") else os.path.expanduser(value)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "aiida-eqml", "xla")
+
+
+def enable_compilation_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache for the process (called by every :class:`Predictor`).
+
+    An explicitly configured cache (``JAX_COMPILATION_CACHE_DIR`` / ``jax.config.jax_compilation_cache_dir``, as the
+    test suite sets) is left as it is; otherwise :func:`default_compilation_cache_dir` is used, with a minimum
+    compile time of 0.1 s unless ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` is set. Returns the directory in use
+    (``None``: no cache). Cached executables are the ones XLA would compile again: results are unchanged.
+    """
+    import jax
+
+    current = os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    directory = default_compilation_cache_dir()
+    if directory is None:
+        return None
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:  # read-only home: predict without the cache
+        return None
+    jax.config.update("jax_compilation_cache_dir", directory)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    try:  # jax decides once per process whether the cache is used: redo it if something compiled before
+        from jax._src import compilation_cache
+
+        checked_unused = getattr(compilation_cache, "_cache_checked", False) and not getattr(compilation_cache, "_cache_used", True)
+        initialized_empty = getattr(compilation_cache, "_cache_initialized", False) and getattr(compilation_cache, "_cache", 1) is None
+        if checked_unused or initialized_empty:
+            compilation_cache.reset_cache()
+    except Exception:  # noqa: BLE001 - private API; without it the cache starts with the next process
+        pass
+    return directory
 
 
 # ====================================================================== compiled apply, shared per model config
@@ -162,6 +218,7 @@ class Predictor:
     def __init__(self, members: Sequence[tuple], *, batch_size: int = 8, names: Sequence[str] | None = None):
         if not members:
             raise PredictionError("a predictor needs at least one model", "ensemble")
+        self.compilation_cache_dir = enable_compilation_cache()
         members = [tuple(m) + ({},) * (3 - len(m)) for m in members]
         self.models = [m[0] for m in members]
         self.metadata = [dict(m[2] or {}) for m in members]
