@@ -53,7 +53,17 @@ def tiny_dataset(n_structures=4, n_atoms=4, seed=0) -> Dataset:
         numbers = np.array([22] + [8] * (n_atoms - 1))
         positions = rng.uniform(0, 1, (n_atoms, 3)) @ cell
         born, eps = environment_tensors(numbers, positions, cell)
-        samples.append(Sample(numbers, positions, cell, True, node_targets={"born_charges": born}, graph_targets={"dielectric": eps}, info={"name": f"t{k}"}))
+        samples.append(
+            Sample(
+                numbers,
+                positions,
+                cell,
+                True,
+                node_targets={"born_charges": born},
+                graph_targets={"dielectric": eps},
+                info={"name": f"t{k}"},
+            )
+        )
     return Dataset(samples, SPECS)
 
 
@@ -63,7 +73,10 @@ MODEL = {
     "hidden_irreps": "8x0e + 4x1o + 4x1e + 4x2e",
     "radial_hidden": [16],
     "num_radial_basis": 6,
-    "heads": {"born_charges": {"level": "node", "tensor": "ij"}, "dielectric": {"level": "graph", "tensor": "ij=ji", "reduce": "mean"}},
+    "heads": {
+        "born_charges": {"level": "node", "tensor": "ij"},
+        "dielectric": {"level": "graph", "tensor": "ij=ji", "reduce": "mean"},
+    },
 }
 
 
@@ -120,11 +133,17 @@ def test_loss_masks_padding_and_missing_labels():
     assert np.isfinite(float(loss_sums({"x": pred_nan}, {"x": true}, {"x": mask}, {"x": 1.0})["x"][0]))
 
 
-def test_tiny_overfit_and_nan_labels_masked():
+# Allegro's own sizes: as small as the NequIP model above.
+ALLEGRO = {"architecture": "allegro", "allegro_channels": 4, "allegro_lmax": 2, "allegro_latent": [16]}
+
+
+@pytest.mark.parametrize("architecture", ["nequip", "allegro"])
+def test_tiny_overfit_and_nan_labels_masked(architecture):
     ds = tiny_dataset(3)
     ds[1].node_targets["born_charges"][2] = np.nan  # missing label: must be masked, not propagated
     ds[2].graph_targets["dielectric"][:] = np.nan
     config = base_config(
+        model={**MODEL, **ALLEGRO} if architecture == "allegro" else MODEL,
         epochs=150,
         batch_size=3,
         split={"train": [0, 1, 2], "val": [], "test": []},
