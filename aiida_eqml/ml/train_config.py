@@ -40,6 +40,8 @@ DEFAULT_TRAINING_CONFIG: dict[str, Any] = {
     "divergence_factor": 1.0e4,  # loss > factor * first-epoch loss -> DivergenceError
     "normalization": "auto",  # auto: from the training set unless model["normalization"] is given
     "progress": True,
+    # Hubbard records only (aiida_eqml.ml.hubbard.training): {"residual": bool}, learn U - U_scf and V - V_scf
+    "hubbard": {"residual": False},
 }
 
 
@@ -59,7 +61,7 @@ def training_config(config: Mapping[str, Any] | None) -> dict:
     unknown = set(config) - set(DEFAULT_TRAINING_CONFIG)
     if unknown:
         raise ValueError(f"unknown training config keys {sorted(unknown)}; known: {sorted(DEFAULT_TRAINING_CONFIG)}")
-    for section in ("optimizer", "early_stopping"):
+    for section in ("optimizer", "early_stopping", "hubbard"):
         bad = set(config.get(section) or {}) - set(DEFAULT_TRAINING_CONFIG[section])
         if bad:
             raise ValueError(f"unknown {section} keys {sorted(bad)}; known: {sorted(DEFAULT_TRAINING_CONFIG[section])}")
@@ -70,6 +72,8 @@ def training_config(config: Mapping[str, Any] | None) -> dict:
         raise ValueError(f"optimizer name must be 'adam' or 'adamw', got {full['optimizer']['name']!r}")
     if full["optimizer"]["schedule"] not in ("cosine", "exponential", "constant"):
         raise ValueError(f"schedule must be cosine, exponential or constant, got {full['optimizer']['schedule']!r}")
+    if not isinstance(full["hubbard"]["residual"], bool):
+        raise ValueError(f"hubbard.residual must be true or false, got {full['hubbard']['residual']!r}")
     validate_training_config(full)  # types and ranges (aiida_eqml.ml.config_schema): ConfigError naming key and value
     return full
 
@@ -110,5 +114,6 @@ def split_indices(n: int, split: Mapping[str, Any], seed: int) -> dict[str, list
 
 
 def config_fingerprint(cfg: Mapping[str, Any]) -> str:
-    """What a resumed run must share with the checkpoint (display options excluded)."""
-    return json.dumps({k: v for k, v in cfg.items() if k != "progress"}, sort_keys=True, default=str)
+    """What a resumed run must share with the checkpoint (display options excluded; ``hubbard`` too: the Hubbard
+    preparer consumes it before the trainer sees the config, and checkpoints written before the key existed resume)."""
+    return json.dumps({k: v for k, v in cfg.items() if k not in ("progress", "hubbard")}, sort_keys=True, default=str)

@@ -83,3 +83,15 @@ def test_train_cli_stores_the_flag_and_prediction_adds_the_scf_values(record, tm
     descriptors, _ = hubbard_training_dataset(record)
     again = load_predictor(path).predict_hubbard(descriptors)
     np.testing.assert_allclose(again[0]["hubbard_u"][:1], residual[0]["hubbard_u"][:1], rtol=1e-6)
+
+
+def test_the_training_config_knows_the_hubbard_section():
+    """The eqml.train CalcJob validates the config before submission: the residual option must pass, a typo not."""
+    from aiida_eqml.ml.train_config import training_config
+
+    assert training_config({"hubbard": {"residual": True}})["hubbard"] == {"residual": True}
+    assert training_config({})["hubbard"] == {"residual": False}
+    with pytest.raises(ValueError, match=r"unknown hubbard keys \['residul'\]"):
+        training_config({"hubbard": {"residul": True}})
+    with pytest.raises(ValueError, match="hubbard.residual must be true or false, got 'yes'"):
+        training_config({"hubbard": {"residual": "yes"}})
