@@ -58,8 +58,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SPECIES = ["O", "Ti", "Ba"]
 Z_IRREPS = "0e + 1e + 2e"  # Born charges: 1o x 1o
-BASE = {"architecture": "nequip", "cutoff": 5.0, "num_layers": 2, "sh_lmax": 2, "num_radial_basis": 8,
-        "radial_hidden": [32, 32], "envelope_p": 6, "readout_product_mul": 4}
+BASE = {
+    "architecture": "nequip",
+    "cutoff": 5.0,
+    "num_layers": 2,
+    "sh_lmax": 2,
+    "num_radial_basis": 8,
+    "radial_hidden": [32, 32],
+    "envelope_p": 6,
+    "readout_product_mul": 4,
+}
 CONFIGS = {
     "equal": {**BASE, "hidden_irreps": "32x0e + 16x1o + 8x2e"},
     "bto": {**BASE, "hidden_irreps": "32x0e + 8x0o + 16x1o + 8x1e + 8x2e + 4x2o"},  # bto_response.MODEL_CONFIG
@@ -69,9 +77,15 @@ CONFIGS = {
 # ============================================================== helpers
 def git_commit() -> str:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "benchmarks/bto_throughput.py", "aiida_eqml/ml"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "benchmarks/bto_throughput.py", "aiida_eqml/ml"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -111,7 +125,12 @@ def window(fn, min_time: float) -> float:
 
 
 def summary(rates: list[float]) -> dict:
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "runs": [round(r, 4) for r in rates]}
+    return {
+        "median": statistics.median(rates),
+        "min": min(rates),
+        "max": max(rates),
+        "runs": [round(r, 4) for r in rates],
+    }
 
 
 def import_torch(torch_path: str | None):
@@ -149,15 +168,26 @@ def bench_ours(cfg, graph, target, avg_nn, log) -> Bench:
 
     from aiida_eqml.ml.models import build_model
 
-    config = {**cfg, "species": SPECIES, "avg_num_neighbors": avg_nn, "heads": {"born_charges": {"level": "node", "tensor": "ij"}}}
+    config = {
+        **cfg,
+        "species": SPECIES,
+        "avg_num_neighbors": avg_nn,
+        "heads": {"born_charges": {"level": "node", "tensor": "ij"}},
+    }
     model = build_model(config)
     params = model.init(jax.random.PRNGKey(0), graph)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     predict = jax.jit(lambda p, g: model.apply(p, g)["born_charges"].array)
     rot = random_rotation()
     d = np.asarray(e3nn.Irreps(Z_IRREPS).D_from_matrix(jnp.asarray(rot)))
-    equiv = _equivariance(lambda pos, cell: predict(params, graph._replace(positions=pos, cells=cell)),
-                          graph.positions, graph.cells, (), rot, d)
+    equiv = _equivariance(
+        lambda pos, cell: predict(params, graph._replace(positions=pos, cells=cell)),
+        graph.positions,
+        graph.cells,
+        (),
+        rot,
+        d,
+    )
     optimizer = optax.adam(1e-3)
 
     def loss_fn(p, g):
@@ -190,6 +220,7 @@ def bench_tensorial(cfg, graph, target, avg_nn, log) -> Bench:
     import jax
     import jax.numpy as jnp
     import optax
+
     # tensorial.gcnn exports NequipLayer (a jraph.GraphsTuple wrapper around this block with tensorial's keys);
     # the block itself takes plain arrays like ours.
     from tensorial.gcnn._nequip import InteractionBlock
@@ -206,9 +237,15 @@ def bench_tensorial(cfg, graph, target, avg_nn, log) -> Bench:
         def __call__(self, positions, cells, species, senders, receivers):
             vectors = edge_vectors(graph._replace(positions=positions, cells=cells), positions, cells)
             # l = 0..l_max as our model (an int l_max would give e3nn-jax's l = l_max harmonics only).
-            sh = e3nn.spherical_harmonics(list(range(cfg["sh_lmax"] + 1)), e3nn.IrrepsArray("1o", vectors),
-                                          normalize=True, normalization="component")
-            radial = radial_basis(jnp.linalg.norm(vectors, axis=-1), cfg["cutoff"], cfg["num_radial_basis"], cfg["envelope_p"])
+            sh = e3nn.spherical_harmonics(
+                list(range(cfg["sh_lmax"] + 1)),
+                e3nn.IrrepsArray("1o", vectors),
+                normalize=True,
+                normalization="component",
+            )
+            radial = radial_basis(
+                jnp.linalg.norm(vectors, axis=-1), cfg["cutoff"], cfg["num_radial_basis"], cfg["envelope_p"]
+            )
             ones = e3nn.IrrepsArray("0e", jnp.ones((positions.shape[0], 1), positions.dtype))
             x = e3nn.flax.Linear(hidden, num_indexed_weights=len(SPECIES), force_irreps_out=True)(species, ones)
             for _ in range(cfg["num_layers"]):
@@ -225,14 +262,21 @@ def bench_tensorial(cfg, graph, target, avg_nn, log) -> Bench:
             return NodeReadout(e3nn.Irreps(Z_IRREPS), len(SPECIES), cfg["readout_product_mul"])(x, species).array
 
     net = TensorialNequIP()
-    args = (jnp.asarray(graph.positions), jnp.asarray(graph.cells), jnp.asarray(graph.species),
-            jnp.asarray(graph.senders), jnp.asarray(graph.receivers))
+    args = (
+        jnp.asarray(graph.positions),
+        jnp.asarray(graph.cells),
+        jnp.asarray(graph.species),
+        jnp.asarray(graph.senders),
+        jnp.asarray(graph.receivers),
+    )
     params = jax.jit(net.init)(jax.random.PRNGKey(0), *args)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     predict = jax.jit(net.apply)
     rot = random_rotation()
     d = np.asarray(e3nn.Irreps(Z_IRREPS).D_from_matrix(jnp.asarray(rot)))
-    equiv = _equivariance(lambda pos, cell, *rest: predict(params, pos, cell, *rest), args[0], args[1], args[2:], rot, d)
+    equiv = _equivariance(
+        lambda pos, cell, *rest: predict(params, pos, cell, *rest), args[0], args[1], args[2:], rot, d
+    )
     optimizer = optax.adam(1e-3)
 
     @jax.jit
@@ -289,7 +333,9 @@ def build_torch_model(cfg, avg_nn: float):
             out = producible(irreps_in)
             scalars = o3.Irreps([(m, ir) for m, ir in out if ir.l == 0])
             gated = o3.Irreps([(m, ir) for m, ir in out if ir.l > 0])
-            self.gate = enn.Gate(scalars, [act[ir.p] for _, ir in scalars], f"{gated.num_irreps}x0e", [torch.sigmoid], gated)
+            self.gate = enn.Gate(
+                scalars, [act[ir.p] for _, ir in scalars], f"{gated.num_irreps}x0e", [torch.sigmoid], gated
+            )
             pre_gate = self.gate.irreps_in
             self.linear_up = o3.Linear(irreps_in, irreps_in)
             mid, instructions = [], []
@@ -299,17 +345,25 @@ def build_torch_model(cfg, avg_nn: float):
                         if ir_out in pre_gate:
                             instructions.append((i, j, len(mid), "uvu", True))
                             mid.append((mul, ir_out))
-            self.tp = o3.TensorProduct(irreps_in, sh_irreps, o3.Irreps(mid), instructions, shared_weights=False, internal_weights=False)
+            self.tp = o3.TensorProduct(
+                irreps_in, sh_irreps, o3.Irreps(mid), instructions, shared_weights=False, internal_weights=False
+            )
             # the self path of ours (x_j itself, weighted per channel, beside x_j (x) Y)
             keep = {ir for _, ir in pre_gate}
             self.self_index = [k for k, (m, ir) in enumerate(irreps_in) if ir in keep]
             self.self_irreps = o3.Irreps([irreps_in[k] for k in self.self_index])
             slices = irreps_in.slices()
             self.self_columns = torch.cat([torch.arange(slices[k].start, slices[k].stop) for k in self.self_index])
-            self.self_weight_index = torch.cat([torch.arange(m).repeat_interleave(ir.dim) + sum(irreps_in[j].mul for j in self.self_index[:n])
-                                                for n, (m, ir) in enumerate(self.self_irreps)])
-            self.radial = enn.FullyConnectedNet([cfg["num_radial_basis"], *cfg["radial_hidden"], self.tp.weight_numel + self.self_irreps.num_irreps],
-                                                torch.nn.functional.silu)
+            self.self_weight_index = torch.cat(
+                [
+                    torch.arange(m).repeat_interleave(ir.dim) + sum(irreps_in[j].mul for j in self.self_index[:n])
+                    for n, (m, ir) in enumerate(self.self_irreps)
+                ]
+            )
+            self.radial = enn.FullyConnectedNet(
+                [cfg["num_radial_basis"], *cfg["radial_hidden"], self.tp.weight_numel + self.self_irreps.num_irreps],
+                torch.nn.functional.silu,
+            )
             self.linear_down = o3.Linear(self.tp.irreps_out + self.self_irreps, pre_gate)
             self.self_connection = o3.FullyConnectedTensorProduct(irreps_in, species_irreps, pre_gate)
             self.residual = irreps_in == self.gate.irreps_out
@@ -319,7 +373,9 @@ def build_torch_model(cfg, avg_nn: float):
             weights = self.radial(radial)
             h_j = h[senders]
             w_tp, w_self = weights[:, : self.tp.weight_numel], weights[:, self.tp.weight_numel :]
-            messages = torch.cat([self.tp(h_j, sh, w_tp), h_j[:, self.self_columns] * w_self[:, self.self_weight_index]], dim=-1)
+            messages = torch.cat(
+                [self.tp(h_j, sh, w_tp), h_j[:, self.self_columns] * w_self[:, self.self_weight_index]], dim=-1
+            )
             agg = torch.zeros(x.shape[0], messages.shape[1], dtype=x.dtype).index_add_(0, receivers, messages)
             out = self.gate(self.linear_down(agg / avg_nn**0.5) + self.self_connection(x, onehot))
             return (out + x) / 2**0.5 if self.residual else out
@@ -332,7 +388,9 @@ def build_torch_model(cfg, avg_nn: float):
             small = o3.Irreps([(min(m, cfg["readout_product_mul"]), ir) for m, ir in irreps_in])
             self.compress = o3.Linear(irreps_in, small)
             self.products = o3.FullTensorProduct(small, small, filter_ir_out=[ir for _, ir in o3.Irreps(Z_IRREPS)])
-            self.out = o3.FullyConnectedTensorProduct(irreps_in + self.products.irreps_out, species_irreps, o3.Irreps(Z_IRREPS))
+            self.out = o3.FullyConnectedTensorProduct(
+                irreps_in + self.products.irreps_out, species_irreps, o3.Irreps(Z_IRREPS)
+            )
 
         def forward(self, x, onehot):
             s = self.compress(x)
@@ -400,8 +458,13 @@ def bench_torch(cfg, graph, born, avg_nn, torch_path, log) -> Bench:
     infer()
     step()
     warm = time.perf_counter() - t0
-    log(f"  e3nn_torch: {n_params} parameters, equivariance error {equiv:.1e}, warm-up {warm:.1f} s, {torch.get_num_threads()} threads")
-    return Bench("e3nn_torch", n_params, infer, step, equiv, warm, {"threads": torch.get_num_threads(), "mode": "eager"})
+    log(
+        f"  e3nn_torch: {n_params} parameters, equivariance error {equiv:.1e}, warm-up {warm:.1f} s, "
+        f"{torch.get_num_threads()} threads"
+    )
+    return Bench(
+        "e3nn_torch", n_params, infer, step, equiv, warm, {"threads": torch.get_num_threads(), "mode": "eager"}
+    )
 
 
 # ============================================================== profile of our layer
@@ -421,7 +484,9 @@ def profile_ours(cfg, graph, avg_nn, min_time, log) -> dict:
 
     def geometry(pos):
         v = safe_norm_vectors(edge_vectors(graph, pos, graph.cells), graph.edge_mask)
-        sh = e3nn.spherical_harmonics(list(range(cfg["sh_lmax"] + 1)), e3nn.IrrepsArray("1o", v), normalize=True, normalization="component")
+        sh = e3nn.spherical_harmonics(
+            list(range(cfg["sh_lmax"] + 1)), e3nn.IrrepsArray("1o", v), normalize=True, normalization="component"
+        )
         return sh, radial_basis(jnp.linalg.norm(v, axis=-1), cfg["cutoff"], cfg["num_radial_basis"], cfg["envelope_p"])
 
     sh, radial = jax.jit(geometry)(graph.positions)
@@ -432,26 +497,48 @@ def profile_ours(cfg, graph, avg_nn, min_time, log) -> dict:
         conv = Convolution(pre_gate, avg_nn, tuple(cfg["radial_hidden"]), fused=fused)
         p = conv.init(jax.random.PRNGKey(0), x, *edge)
         fwd = jax.jit(lambda p, xa, conv=conv: conv.apply(p, e3nn.IrrepsArray(hidden, xa), *edge).array)
-        grad = jax.jit(jax.grad(lambda p, xa, conv=conv: jnp.sum(conv.apply(p, e3nn.IrrepsArray(hidden, xa), *edge).array ** 2), argnums=(0, 1)))
-        pieces[name] = (lambda fwd=fwd, p=p: fwd(p, x.array).block_until_ready(),
-                        lambda grad=grad, p=p: jax.block_until_ready(grad(p, x.array)))
-    layer = NequIPLayer(hidden, num_species=len(SPECIES), avg_num_neighbors=avg_nn, radial_hidden=tuple(cfg["radial_hidden"]))
+        grad = jax.jit(
+            jax.grad(
+                lambda p, xa, conv=conv: jnp.sum(conv.apply(p, e3nn.IrrepsArray(hidden, xa), *edge).array ** 2),
+                argnums=(0, 1),
+            )
+        )
+        pieces[name] = (
+            lambda fwd=fwd, p=p: fwd(p, x.array).block_until_ready(),
+            lambda grad=grad, p=p: jax.block_until_ready(grad(p, x.array)),
+        )
+    layer = NequIPLayer(
+        hidden, num_species=len(SPECIES), avg_num_neighbors=avg_nn, radial_hidden=tuple(cfg["radial_hidden"])
+    )
     species = jnp.asarray(graph.species)
     pl = layer.init(jax.random.PRNGKey(0), x, species, *edge)
     lf = jax.jit(lambda p, xa: layer.apply(p, e3nn.IrrepsArray(hidden, xa), species, *edge).array)
-    lg = jax.jit(jax.grad(lambda p, xa: jnp.sum(layer.apply(p, e3nn.IrrepsArray(hidden, xa), species, *edge).array ** 2), argnums=(0, 1)))
-    pieces["nequip_layer"] = (lambda: lf(pl, x.array).block_until_ready(), lambda: jax.block_until_ready(lg(pl, x.array)))
+    lg = jax.jit(
+        jax.grad(
+            lambda p, xa: jnp.sum(layer.apply(p, e3nn.IrrepsArray(hidden, xa), species, *edge).array ** 2),
+            argnums=(0, 1),
+        )
+    )
+    pieces["nequip_layer"] = (
+        lambda: lf(pl, x.array).block_until_ready(),
+        lambda: jax.block_until_ready(lg(pl, x.array)),
+    )
     geo = jax.jit(geometry)
     geo_grad = jax.jit(jax.grad(lambda pos: sum(jnp.sum(a.array if hasattr(a, "array") else a) for a in geometry(pos))))
-    pieces["edge_geometry_sh_radial"] = (lambda: jax.block_until_ready(geo(graph.positions)),
-                                         lambda: jax.block_until_ready(geo_grad(graph.positions)))
+    pieces["edge_geometry_sh_radial"] = (
+        lambda: jax.block_until_ready(geo(graph.positions)),
+        lambda: jax.block_until_ready(geo_grad(graph.positions)),
+    )
     out = {}
     for name, (f, g) in pieces.items():
         f(), g()
         fr = [window(f, min_time / 3) for _ in range(3)]
         gr = [window(g, min_time / 3) for _ in range(3)]
         out[name] = {"forward_ms": 1e3 / statistics.median(fr), "forward_backward_ms": 1e3 / statistics.median(gr)}
-        log(f"  {name:28s} forward {out[name]['forward_ms']:8.2f} ms   forward+backward {out[name]['forward_backward_ms']:8.2f} ms")
+        log(
+            f"  {name:28s} forward {out[name]['forward_ms']:8.2f} ms   "
+            f"forward+backward {out[name]['forward_backward_ms']:8.2f} ms"
+        )
     return out
 
 
@@ -485,9 +572,17 @@ def latency_child(kind: str, model_path: str, data: str, structure: str) -> dict
         t0 = time.perf_counter()
         call()
         warm.append(time.perf_counter() - t0)
-    return {"atoms": atoms_n, "members": len(predictor), "import_s": t_import, "load_s": t_load, "first": first,
-            "warm": statistics.median(warm), "warm_runs": warm, "traces": predictor.trace_count,
-            "cache_dir_in_use": predictor.compilation_cache_dir}
+    return {
+        "atoms": atoms_n,
+        "members": len(predictor),
+        "import_s": t_import,
+        "load_s": t_load,
+        "first": first,
+        "warm": statistics.median(warm),
+        "warm_runs": warm,
+        "traces": predictor.trace_count,
+        "cache_dir_in_use": predictor.compilation_cache_dir,
+    }
 
 
 def measure_latency(args, log) -> dict:
@@ -499,36 +594,65 @@ def measure_latency(args, log) -> dict:
 
     tmp = Path(tempfile.mkdtemp(prefix="eqml-latency-"))
     atoms, _ = load_structure(Path(args.data), args.structure)
-    config = {**CONFIGS["bto"], "species": SPECIES, "avg_num_neighbors": 46.5,
-              "heads": {"born_charges": {"level": "node", "tensor": "ij"}}}
+    config = {
+        **CONFIGS["bto"],
+        "species": SPECIES,
+        "avg_num_neighbors": 46.5,
+        "heads": {"born_charges": {"level": "node", "tensor": "ij"}},
+    }
     model = build_model(config)
     graph = graph_from_atoms(atoms, config["cutoff"], SPECIES)
     params = model.init(jax.random.PRNGKey(0), graph)
     bto_model = tmp / "bto_zstar.eqml"
     save_model(bto_model, model.config, params, metadata={"note": "untrained weights: latency only"})
-    cases = {"hubbard_4_atoms": ("hubbard", str(ROOT / "aiida_eqml" / "ml" / "hubbard" / "reference" / "hubbard-tmo")),
-             "bto_135_atoms": ("bto", str(bto_model))}
+    cases = {
+        "hubbard_4_atoms": ("hubbard", str(ROOT / "aiida_eqml" / "ml" / "hubbard" / "reference" / "hubbard-tmo")),
+        "bto_135_atoms": ("bto", str(bto_model)),
+    }
     out = {}
     for name, (kind, path) in cases.items():
         cache = tmp / f"xla-{name}"
-        env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+        }
         env["AIIDA_EQML_XLA_CACHE"] = str(cache)
         runs = []
         for _ in range(2):  # empty cache, then the cache the first process filled
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--latency-child", kind, path,
-                   "--data", args.data, "--structure", args.structure]
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--latency-child",
+                kind,
+                path,
+                "--data",
+                args.data,
+                "--structure",
+                args.structure,
+            ]
             res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
             if res.returncode != 0:
                 raise RuntimeError(f"latency child failed: {res.stderr[-2000:]}")
             runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
         files = sum(1 for _ in cache.rglob("*") if _.is_file()) if cache.exists() else 0
-        out[name] = {"first": runs[0]["first"], "warm": runs[0]["warm"], "cached_new_process": runs[1]["first"],
-                     "cached_new_process_warm": runs[1]["warm"], "atoms": runs[0]["atoms"], "members": runs[0]["members"],
-                     "load_s": [runs[0]["load_s"], runs[1]["load_s"]], "import_s": [runs[0]["import_s"], runs[1]["import_s"]],
-                     "traces_per_process": [runs[0]["traces"], runs[1]["traces"]], "cache_files": files,
-                     "cache_dir_in_use_is_default_mechanism": runs[0]["cache_dir_in_use"] == str(cache)}
-        log(f"  {name}: first {out[name]['first']:.2f} s, warm {out[name]['warm'] * 1e3:.1f} ms, "
-            f"first call in a new process with the cache {out[name]['cached_new_process']:.2f} s ({files} cache files)")
+        out[name] = {
+            "first": runs[0]["first"],
+            "warm": runs[0]["warm"],
+            "cached_new_process": runs[1]["first"],
+            "cached_new_process_warm": runs[1]["warm"],
+            "atoms": runs[0]["atoms"],
+            "members": runs[0]["members"],
+            "load_s": [runs[0]["load_s"], runs[1]["load_s"]],
+            "import_s": [runs[0]["import_s"], runs[1]["import_s"]],
+            "traces_per_process": [runs[0]["traces"], runs[1]["traces"]],
+            "cache_files": files,
+            "cache_dir_in_use_is_default_mechanism": runs[0]["cache_dir_in_use"] == str(cache),
+        }
+        log(
+            f"  {name}: first {out[name]['first']:.2f} s, warm {out[name]['warm'] * 1e3:.1f} ms, "
+            f"first call in a new process with the cache {out[name]['cached_new_process']:.2f} s ({files} cache files)"
+        )
     return out
 
 
@@ -537,7 +661,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "bto400"))
     p.add_argument("--structure", default="00000", help="5-digit file index of the structure")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved timing windows per measurement (median reported)")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="interleaved timing windows per measurement (median reported)"
+    )
     p.add_argument("--min-time", type=float, default=2.0, help="seconds per timing window")
     p.add_argument("--implementations", default="ours,tensorial,e3nn_torch")
     p.add_argument("--configs", default="equal,bto")
@@ -566,7 +692,10 @@ def main(argv=None) -> int:
     n_atoms, n_edges = int(graph.n_node[0]), int(graph.n_edge[0])
     avg_nn = n_edges / n_atoms
     target = jnp.asarray(tensor_type("ij").to_irreps(born).array, jnp.float32)
-    log(f"structure_{args.structure}: {n_atoms} atoms, {n_edges} edges within {BASE['cutoff']} A ({avg_nn:.1f} per atom)")
+    log(
+        f"structure_{args.structure}: {n_atoms} atoms, {n_edges} edges within {BASE['cutoff']} A "
+        f"({avg_nn:.1f} per atom)"
+    )
     versions = {"jax": jax.__version__, "e3nn_jax": e3nn_jax.__version__}
     try:
         from importlib.metadata import version
@@ -575,17 +704,28 @@ def main(argv=None) -> int:
     except Exception:  # noqa: BLE001
         pass
     payload = {
-        "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + (sys.argv[1:] if argv is None else list(argv))),
+        "command": " ".join(
+            shlex.quote(a)
+            for a in [os.path.relpath(sys.argv[0], ROOT)] + (sys.argv[1:] if argv is None else list(argv))
+        ),
         "commit": git_commit(),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "structure": f"structure_{args.structure}", "atoms": n_atoms, "edges": n_edges,
+        "structure": f"structure_{args.structure}",
+        "atoms": n_atoms,
+        "edges": n_edges,
         "head": "born_charges direct (0e + 1e + 2e), float32",
         "timing": f"median of {args.repeats} interleaved windows of >= {args.min_time} s after warm-up, one process",
-        "host": {"cpus": os.cpu_count(), "load_average_at_start": load_average(), "machine": platform.machine(),
-                 "python": platform.python_version(),
-                 "note": "shared 2-core machine: a DFT campaign and other sessions ran concurrently; numbers are noisy, "
-                         "the windows are interleaved so that the load hits the implementations alike"},
-        "versions": versions, "configs": {k: CONFIGS[k] for k in args.configs.split(",")}, "skipped": {},
+        "host": {
+            "cpus": os.cpu_count(),
+            "load_average_at_start": load_average(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "note": "shared 2-core machine: a DFT campaign and other sessions ran concurrently; numbers are noisy, "
+            "the windows are interleaved so that the load hits the implementations alike",
+        },
+        "versions": versions,
+        "configs": {k: CONFIGS[k] for k in args.configs.split(",")},
+        "skipped": {},
     }
 
     def write():
@@ -627,19 +767,31 @@ def main(argv=None) -> int:
         result = {}
         for b in benches:
             inf, tr = summary(rates[b.name]["infer"]), summary(rates[b.name]["train"])
-            result[b.name] = {"params": b.params, "inference_per_s": inf["median"], "train_steps_per_s": tr["median"],
-                              "inference": inf, "training": tr, "equivariance_rel_error": b.equivariance,
-                              "warmup_s": b.warmup_s, **b.extra}
-            log(f"  {b.name:12s} {b.params:7d} params  inference {inf['median']:7.2f}/s [{inf['min']:.2f}-{inf['max']:.2f}]"
-                f"  training {tr['median']:6.2f} steps/s [{tr['min']:.2f}-{tr['max']:.2f}]")
+            result[b.name] = {
+                "params": b.params,
+                "inference_per_s": inf["median"],
+                "train_steps_per_s": tr["median"],
+                "inference": inf,
+                "training": tr,
+                "equivariance_rel_error": b.equivariance,
+                "warmup_s": b.warmup_s,
+                **b.extra,
+            }
+            log(
+                f"  {b.name:12s} {b.params:7d} params  inference {inf['median']:7.2f}/s "
+                f"[{inf['min']:.2f}-{inf['max']:.2f}]"
+                f"  training {tr['median']:6.2f} steps/s [{tr['min']:.2f}-{tr['max']:.2f}]"
+            )
         if "ours" in result and "tensorial" in result:
             result["ours_over_tensorial"] = {
                 "inference": result["ours"]["inference_per_s"] / result["tensorial"]["inference_per_s"],
-                "training": result["ours"]["train_steps_per_s"] / result["tensorial"]["train_steps_per_s"]}
+                "training": result["ours"]["train_steps_per_s"] / result["tensorial"]["train_steps_per_s"],
+            }
         if "ours" in result and "e3nn_torch" in result:
             result["ours_over_e3nn_torch"] = {
                 "inference": result["ours"]["inference_per_s"] / result["e3nn_torch"]["inference_per_s"],
-                "training": result["ours"]["train_steps_per_s"] / result["e3nn_torch"]["train_steps_per_s"]}
+                "training": result["ours"]["train_steps_per_s"] / result["e3nn_torch"]["train_steps_per_s"],
+            }
         result["load_average_1min_per_repeat"] = loads
         payload[section] = result
         write()

@@ -16,7 +16,7 @@ All modules work on padded arrays; padding edges are masked before aggregation.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import e3nn_jax as e3nn
 import flax.linen as nn
@@ -113,8 +113,13 @@ class _FactorisedMLP(nn.Module):
         act = e3nn.normalize_function(jax.nn.silu)
         for i, h in enumerate(tuple(self.hidden)):
             alpha = 1 / x.shape[-1]
-            dense = nn.Dense(h, use_bias=False, kernel_init=nn.initializers.normal(stddev=jnp.sqrt(alpha) ** (1.0 - gn)),
-                             param_dtype=x.dtype, name=f"Dense_{i}")
+            dense = nn.Dense(
+                h,
+                use_bias=False,
+                kernel_init=nn.initializers.normal(stddev=jnp.sqrt(alpha) ** (1.0 - gn)),
+                param_dtype=x.dtype,
+                name=f"Dense_{i}",
+            )
             x = act(jnp.sqrt(alpha) ** gn * dense(x))
         alpha = 1 / x.shape[-1]
         kernel = _Kernel(self.num_out, alpha, float(gn), name=f"Dense_{len(tuple(self.hidden))}")(x.shape[-1], x.dtype)
@@ -179,7 +184,7 @@ class _ConvPlan:
         self.blocks = [generated[k] for k in order]
         self.irreps_messages = e3nn.Irreps([(mul, ir) for ir, mul, _ in self.blocks]).simplify()
         starts, start = {}, 0
-        for ir, mul, source in self.blocks:
+        for _, mul, source in self.blocks:
             starts[source] = start
             start += mul
         self.weight_start = starts
@@ -241,15 +246,19 @@ def fused_convolution(
         for p, (mul_2, ir_out, col) in enumerate(plan.paths[i1]):
             start = plan.weight_start[("tp", i1, p)]
             for v in range(mul_2):
-                index[:, col + v * ir_out.dim : col + (v + 1) * ir_out.dim] = (start + np.arange(mul_1) * mul_2 + v)[:, None]
+                index[:, col + v * ir_out.dim : col + (v + 1) * ir_out.dim] = (start + np.arange(mul_1) * mul_2 + v)[
+                    :, None
+                ]
         out = out * _weight_columns(weights, index.reshape(-1)).reshape(num_edges, mul_1, num_cols)
         pieces.append(out.reshape(num_edges, mul_1 * num_cols))
         layout[("chunk", i1)] = (offset, mul_1, None, num_cols)
         offset += mul_1 * num_cols
     # One segment_sum per piece: XLA:CPU concatenates wide [E, D] arrays slowly (several times the scatter's cost).
-    nodes = jnp.concatenate([jax.ops.segment_sum(piece, receivers, num_segments=num_nodes) for piece in pieces], axis=-1)
+    nodes = jnp.concatenate(
+        [jax.ops.segment_sum(piece, receivers, num_segments=num_nodes) for piece in pieces], axis=-1
+    )
     out_blocks = []
-    for ir, mul, source in plan.blocks:  # e3nn's layout, on the (few) nodes
+    for _, mul, source in plan.blocks:  # e3nn's layout, on the (few) nodes
         if source[0] == "self":
             start, _, d, _ = layout[source]
             out_blocks.append(nodes[:, start : start + mul * d])
@@ -264,7 +273,7 @@ def fused_convolution(
 
 
 def _weight_columns(weights, columns: np.ndarray) -> jnp.ndarray:
-    """``weights[:, columns]`` for weights ``[E, W]`` or factorised ``(h, kernel)`` (then ``h @ kernel[:, columns]``)."""
+    """``weights[:, columns]`` for ``[E, W]`` weights, or ``h @ kernel[:, columns]`` for factorised ``(h, kernel)``."""
     if isinstance(weights, tuple):
         h, kernel = weights
         return h @ kernel[:, columns]
@@ -277,7 +286,9 @@ def _conv_plan_cached(irreps_x: str, irreps_y: str, irreps_out: str, normalizati
 
 
 def _conv_plan(irreps_x, irreps_y, irreps_out) -> _ConvPlan:
-    return _conv_plan_cached(str(irreps_x), str(irreps_y), str(e3nn.Irreps(irreps_out)), e3nn.config("irrep_normalization"))
+    return _conv_plan_cached(
+        str(irreps_x), str(irreps_y), str(e3nn.Irreps(irreps_out)), e3nn.config("irrep_normalization")
+    )
 
 
 class Convolution(nn.Module):
@@ -297,7 +308,11 @@ class Convolution(nn.Module):
     @nn.compact
     def __call__(self, node_feats, edge_angular, edge_scalars, senders, receivers, edge_mask):
         irreps_out = e3nn.Irreps(self.irreps_out)
-        fused = self.fused and node_feats.irreps == node_feats.irreps.regroup() and edge_angular.irreps == edge_angular.irreps.regroup()
+        fused = (
+            self.fused
+            and node_feats.irreps == node_feats.irreps.regroup()
+            and edge_angular.irreps == edge_angular.irreps.regroup()
+        )
         if fused:
             plan = _conv_plan(node_feats.irreps, edge_angular.irreps, irreps_out)
             h, kernel = _FactorisedRadialMLP(self.radial_hidden, plan.num_weights, name="RadialMLP_0")(edge_scalars)
@@ -350,9 +365,9 @@ class NequIPLayer(nn.Module):
             x, edge_angular, edge_scalars, senders, receivers, edge_mask
         )
         conv = e3nn.flax.Linear(pre_gate, force_irreps_out=True)(conv)
-        self_connection = e3nn.flax.Linear(
-            pre_gate, num_indexed_weights=self.num_species, force_irreps_out=True
-        )(species, node_feats)
+        self_connection = e3nn.flax.Linear(pre_gate, num_indexed_weights=self.num_species, force_irreps_out=True)(
+            species, node_feats
+        )
         out = e3nn.gate(conv + self_connection)
         out = out.regroup()
         if out.irreps == node_feats.irreps:
@@ -379,8 +394,10 @@ class MACELayer(nn.Module):
     @nn.compact
     def __call__(self, node_feats, species, edge_angular, edge_scalars, senders, receivers, edge_mask):
         irreps_out = e3nn.Irreps(self.irreps_out).regroup()
-        per_channel = e3nn.Irreps([ir for ir in e3nn.Irreps.spherical_harmonics(self.lmax_a, p=-1)] +
-                                  [e3nn.Irrep(l, -(-1) ** l) for l in range(self.lmax_a + 1)]).regroup()
+        per_channel = e3nn.Irreps(
+            [ir for ir in e3nn.Irreps.spherical_harmonics(self.lmax_a, p=-1)]
+            + [e3nn.Irrep(l, -((-1) ** l)) for l in range(self.lmax_a + 1)]
+        ).regroup()
         x = e3nn.flax.Linear(node_feats.irreps)(node_feats)
         a = Convolution(self.channels * per_channel, self.avg_num_neighbors, self.radial_hidden)(
             x, edge_angular, edge_scalars, senders, receivers, edge_mask
@@ -432,9 +449,7 @@ class NodeReadout(nn.Module):
         products = e3nn.tensor_product(small, small, filter_ir_out=_irs(irreps_out))
         feats = e3nn.concatenate([node_feats.filter(keep=irreps_out), products]).regroup()
         _require(feats.irreps, irreps_out, "node readout")
-        return e3nn.flax.Linear(irreps_out, num_indexed_weights=self.num_species, force_irreps_out=True)(
-            species, feats
-        )
+        return e3nn.flax.Linear(irreps_out, num_indexed_weights=self.num_species, force_irreps_out=True)(species, feats)
 
 
 class EdgeReadout(nn.Module):

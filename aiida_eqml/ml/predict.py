@@ -132,8 +132,9 @@ def enable_compilation_cache() -> str | None:
     try:  # jax decides once per process whether the cache is used: redo it if something compiled before
         from jax._src import compilation_cache
 
-        checked_unused = getattr(compilation_cache, "_cache_checked", False) and not getattr(compilation_cache, "_cache_used", True)
-        initialized_empty = getattr(compilation_cache, "_cache_initialized", False) and getattr(compilation_cache, "_cache", 1) is None
+        cc = compilation_cache
+        checked_unused = getattr(cc, "_cache_checked", False) and not getattr(cc, "_cache_used", True)
+        initialized_empty = getattr(cc, "_cache_initialized", False) and getattr(cc, "_cache", 1) is None
         if checked_unused or initialized_empty:
             compilation_cache.reset_cache()
     except Exception:  # noqa: BLE001 - private API; without it the cache starts with the next process

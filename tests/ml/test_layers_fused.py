@@ -14,7 +14,11 @@ from aiida_eqml.ml.layers import Convolution, NequIPLayer, gate_irreps
 CASES = [
     ("32x0e", "0e + 1o + 2e", "32x0e + 8x0o + 16x1o + 8x1e + 8x2e + 4x2o"),  # first layer: scalars in
     ("32x0e + 16x1o + 8x2e", "0e + 1o + 2e", "32x0e + 8x0o + 16x1o + 8x1e + 8x2e + 4x2o"),
-    ("4x0e + 2x0o + 3x1o + 2x1e + 2x2e + 1x2o + 1x3o", "3x0e + 1o + 2x1e + 2e", "4x0e + 2x1o + 2x2e + 1x3o"),  # edge attrs
+    (
+        "4x0e + 2x0o + 3x1o + 2x1e + 2x2e + 1x2o + 1x3o",
+        "3x0e + 1o + 2x1e + 2e",
+        "4x0e + 2x1o + 2x2e + 1x3o",
+    ),  # edge attrs
     ("5x0e + 2x1o", "0e + 1o + 2e + 3o", "5x0e + 2x1o + 1x2e"),
 ]
 
@@ -38,7 +42,10 @@ def test_fused_convolution_equals_the_e3nn_composition(irreps_x, irreps_y, irrep
     assert fused.fused  # the default
     params = reference.init(jax.random.PRNGKey(0), x, y, radial, senders, receivers, mask)
     params_fused = fused.init(jax.random.PRNGKey(0), x, y, radial, senders, receivers, mask)
-    flat, flat_fused = jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_flatten_with_path(params_fused)[0]
+    flat, flat_fused = (
+        jax.tree_util.tree_flatten_with_path(params)[0],
+        jax.tree_util.tree_flatten_with_path(params_fused)[0],
+    )
     assert [k for k, _ in flat] == [k for k, _ in flat_fused]  # model files written by either load in the other
     for (_, a), (_, b) in zip(flat, flat_fused):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -48,7 +55,9 @@ def test_fused_convolution_equals_the_e3nn_composition(irreps_x, irreps_y, irrep
 
     a, b = run(reference, x.array), run(fused, x.array)
     assert a.irreps == b.irreps
-    np.testing.assert_allclose(np.asarray(b.array), np.asarray(a.array), rtol=0, atol=2e-6 * float(jnp.abs(a.array).max()))
+    np.testing.assert_allclose(
+        np.asarray(b.array), np.asarray(a.array), rtol=0, atol=2e-6 * float(jnp.abs(a.array).max())
+    )
     grad = lambda module: jax.grad(lambda xa: jnp.sum(jnp.sin(run(module, xa).array)))(x.array)  # noqa: E731
     ga, gb = grad(reference), grad(fused)
     np.testing.assert_allclose(np.asarray(gb), np.asarray(ga), rtol=0, atol=1e-5 * float(jnp.abs(ga).max()))
@@ -72,8 +81,9 @@ def test_nequip_layer_on_the_fused_convolution_is_equivariant(improper):
     layer = NequIPLayer(hidden, num_species=2, avg_num_neighbors=5.0, radial_hidden=(16,))
 
     def sh(v):
-        return e3nn.spherical_harmonics([0, 1, 2], e3nn.IrrepsArray("1o", jnp.asarray(v, jnp.float32)), normalize=True,
-                                        normalization="component")
+        return e3nn.spherical_harmonics(
+            [0, 1, 2], e3nn.IrrepsArray("1o", jnp.asarray(v, jnp.float32)), normalize=True, normalization="component"
+        )
 
     params = layer.init(jax.random.PRNGKey(0), x, species, sh(vectors), radial, senders, receivers, mask)
     out = layer.apply(params, x, species, sh(vectors), radial, senders, receivers, mask)
@@ -81,4 +91,6 @@ def test_nequip_layer_on_the_fused_convolution_is_equivariant(improper):
     out_rot = layer.apply(params, x_rot, species, sh(vectors @ rot.T), radial, senders, receivers, mask)
     expected = out.transform_by_matrix(jnp.asarray(rot, jnp.float32))
     assert out_rot.irreps == expected.irreps
-    np.testing.assert_allclose(np.asarray(out_rot.array), np.asarray(expected.array), atol=2e-5 * float(jnp.abs(out.array).max()))
+    np.testing.assert_allclose(
+        np.asarray(out_rot.array), np.asarray(expected.array), atol=2e-5 * float(jnp.abs(out.array).max())
+    )

@@ -16,7 +16,9 @@ def test_default_directory_and_switch(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert predict.default_compilation_cache_dir() == os.path.join(str(tmp_path), "aiida-eqml", "xla")
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert predict.default_compilation_cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "aiida-eqml", "xla")
+    assert predict.default_compilation_cache_dir() == os.path.join(
+        os.path.expanduser("~"), ".cache", "aiida-eqml", "xla"
+    )
     monkeypatch.setenv("AIIDA_EQML_XLA_CACHE", str(tmp_path / "mine"))
     assert predict.default_compilation_cache_dir() == str(tmp_path / "mine")
     for off in ("off", "0", "none", ""):
@@ -50,10 +52,19 @@ print(json.dumps({"dir": jax.config.jax_compilation_cache_dir, "in_use": predict
 
 
 def test_a_new_process_uses_the_default_cache(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE") and k != "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("JAX_COMPILATION_CACHE") and k != "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+    }
     env.update(AIIDA_EQML_XLA_CACHE=str(tmp_path / "xla"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "m.eqml"), str(Path(__file__).parent)],
-                         env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tmp_path / "m.eqml"), str(Path(__file__).parent)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"dir": str(tmp_path / "xla"), "in_use": str(tmp_path / "xla")}
