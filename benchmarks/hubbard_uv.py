@@ -432,6 +432,7 @@ def run_evaluation(args) -> dict:
     from aiida_eqml.ml.hubbard.protocol import record_protocol
 
     t_start = time.time()
+    commit = git_commit()  # the code that runs: taken at the start, not when the hours of training are over
     record, files = load_labels(args.labels)
     if args.ecutwfc is not None:  # an old record of two cutoffs: keep one DFT setting
         record = record.subset([i for i, s in enumerate(record.samples) if abs(s.info.get("ecutwfc", -1) - args.ecutwfc) < 1e-6])
@@ -506,7 +507,7 @@ def run_evaluation(args) -> dict:
         "description": "Hubbard U/V from hp.x labels: leave-one-material-out evaluation of an E(3)-equivariant model "
                        "on occupation-matrix descriptors against three baselines (benchmarks/hubbard_uv.py)",
         "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-        "commit": git_commit(),
+        "commit": commit,
         "protocol": protocol or {},
         "label_files": [os.path.relpath(f, ROOT) if str(f).startswith(str(ROOT)) else str(f) for f in files],
         "n_samples": len(record),
