@@ -94,3 +94,31 @@ def test_unknown_or_missing_reference_is_refused(aiida_profile, tmp_path, monkey
     monkeypatch.setattr(reference, 'REFERENCE_DIR', tmp_path)
     result = invoke('hubbard-tmo')
     assert result.exit_code != 0 and 'hubbard_reference_model.py' in result.output
+
+
+def test_the_shipped_campaign_archive_holds_every_exported_cell():
+    """hubbard-tmo ships `verdi archive create` of the label campaign: every exported cell's work chain, with its
+    hp.x calculations, readable without importing (and the package data stays under 30 MB)."""
+    import json
+    from pathlib import Path
+
+    from aiida import orm
+    from aiida.tools.archive.abstract import get_format
+
+    from aiida_eqml.ml.hubbard import reference
+
+    root = Path(reference.__file__).resolve().parent / 'reference' / 'hubbard-tmo'
+    archive = root / 'campaign.aiida'
+    if not archive.exists():
+        pytest.skip('no campaign archive shipped')
+    campaign = Path(__file__).resolve().parents[2] / 'benchmarks' / 'data' / 'hubbard_campaign'
+    with get_format().open(archive, 'r') as reader:
+        labels = reader.querybuilder().append(
+            orm.WorkChainNode, filters={'attributes.process_label': 'HubbardLabelsWorkChain'}, project='uuid').all(flat=True)
+        n_hp = reader.querybuilder().append(orm.CalcJobNode, filters={'attributes.process_label': 'HpCalculation'}).count()
+    archived = set(labels)
+    # the cells exported when the archive was made are in it (cells labelled later wait for the next archive)
+    exported = [json.loads(p.read_text()) for p in sorted(campaign.glob('*.json'))]
+    in_archive = [m for m in exported if m.get('workchain_uuid') in archived]
+    assert len(in_archive) >= 30 and n_hp >= len(in_archive)
+    assert sum(p.stat().st_size for p in root.iterdir()) < 30 * 2**20
