@@ -80,11 +80,7 @@ def local_setup(profile_name, computer_label, qe_root, qe_python, index_url, pw_
         )
     except (LocalStackError, QESetupError) as exception:
         raise click.ClickException(str(exception)) from exception
-    if changes:
-        click.echo('Local stack ready. Changes:\n  - ' + '\n  - '.join(changes))
-    else:
-        click.echo('Local stack already set up: nothing changed.')
-    _print_status(as_json=False)
+    _report_setup(changes, 'Local stack ready', 'Local stack already set up: nothing changed.')
 
 
 def _production_setup(profile_name, computer_label, root, base_port, install, cpus, gpus, stringency,
@@ -101,10 +97,12 @@ def _production_setup(profile_name, computer_label, root, base_port, install, cp
         )
     except (ProductionError, LocalStackError, QESetupError) as exception:
         raise click.ClickException(str(exception)) from exception
-    if changes:
-        click.echo('Production stack ready. Changes:\n  - ' + '\n  - '.join(changes))
-    else:
-        click.echo('Production stack already set up and running: nothing changed.')
+    _report_setup(changes, 'Production stack ready', 'Production stack already set up and running: nothing changed.')
+
+
+def _report_setup(changes, ready: str, unchanged: str) -> None:
+    """What a setup run changed (or that it changed nothing: the idempotence users check), then the status."""
+    click.echo(f'{ready}. Changes:\n  - ' + '\n  - '.join(changes) if changes else unchanged)
     _print_status(as_json=False)
 
 
