@@ -45,6 +45,7 @@ __all__ = [
     "load_predictor",
     "cached_predictor",
     "clear_predictor_cache",
+    "warm_up_in_background",
     "ensemble_statistics",
     "to_cartesian",
     "enable_compilation_cache",
@@ -470,6 +471,8 @@ def load_predictor(source, *, cache: bool = False, **kwargs) -> Predictor:
 
 
 _PREDICTORS: collections.OrderedDict = collections.OrderedDict()
+#: Background warm-ups in flight (:func:`warm_up_in_background`), by the models' hashes.
+_WARMING: dict[tuple, threading.Thread] = {}
 #: Predictors kept by :func:`cached_predictor` (least recently used dropped first).
 CACHE_SIZE = 16
 
@@ -478,6 +481,10 @@ def cached_predictor(sha256s: Sequence[str], load: Callable[[], Predictor | Sequ
     """The process-wide Predictor of the models with these file hashes; ``load()`` (a Predictor or its members)
     runs only on the first request, so loading and compilation happen once per process."""
     key = tuple(sha256s)
+    with _LOCK:
+        warming = _WARMING.get(key)
+    if warming is not None and warming is not threading.current_thread():
+        warming.join()  # the background warm-up of these models loads and compiles them: wait, do not do it twice
     with _LOCK:
         if key in _PREDICTORS:
             _PREDICTORS.move_to_end(key)
@@ -489,6 +496,40 @@ def cached_predictor(sha256s: Sequence[str], load: Callable[[], Predictor | Sequ
         while len(_PREDICTORS) > CACHE_SIZE:
             _PREDICTORS.popitem(last=False)
     return predictor
+
+
+def warm_up_in_background(sha256s: Sequence[str], load: Callable[[], Predictor | Sequence[tuple]],
+                          work: Callable[[Predictor], Any]) -> threading.Thread:
+    """Load the Predictor of these models (:func:`cached_predictor`) and run ``work(predictor)`` (a prediction of the
+    shape to come, which compiles its padding bucket) in a daemon thread; returns the thread.
+
+    For a caller that knows the shape of its next prediction long before it has the inputs: the ML Hubbard loop
+    starts this with its first scf, so the first prediction after that scf finds the model loaded and compiled
+    instead of paying it (seconds to tens of seconds) on the loop's critical path. A :func:`cached_predictor` call
+    for the same models meanwhile waits for the thread. A failure here is only logged: the real prediction then
+    loads the model itself and reports what is wrong. ``load`` and ``work`` must not touch AiiDA's ORM (it is not
+    thread-safe): read the model files before.
+    """
+    import logging
+
+    key = tuple(sha256s)
+
+    def run():
+        try:
+            work(cached_predictor(key, load))
+        except Exception as exception:  # noqa: BLE001 - an optimisation: the real prediction reports errors
+            logging.getLogger(__name__).warning("prediction warm-up failed (the prediction will retry): %s", exception)
+        finally:
+            with _LOCK:
+                _WARMING.pop(key, None)
+
+    thread = threading.Thread(target=run, name=f"eqml-warm-up-{key[0][:8] if key else ''}", daemon=True)
+    with _LOCK:
+        if key in _WARMING:  # already warming: one thread per set of models
+            return _WARMING[key]
+        _WARMING[key] = thread
+    thread.start()
+    return thread
 
 
 def clear_predictor_cache() -> None:

@@ -38,6 +38,7 @@ __all__ = [
     "hubbard_model_config",
     "pair_edge_indices",
     "hubbard_predictions",
+    "shape_record",
     "predict_hubbard",
 ]
 
@@ -169,6 +170,24 @@ def hubbard_predictions(predictor, record: Dataset, members: bool = False, graph
             [{k: (v if k.endswith("_keys") else v[m]) for k, v in entry.items()} for m in range(len(predictor))],
             always_std=True))
     return results
+
+
+def shape_record(atoms, hubbard_l: Mapping[int, int], couples: Sequence[Sequence[int]]) -> Dataset:
+    """A one-sample Hubbard record with the shapes of an scf's (``hubbard_l[atom]`` = l of its manifold, inter-site
+    ``couples`` = (i, j, S1, S2, S3)) and placeholder occupations (half-filled, no inter-site coupling).
+
+    Its prediction is meaningless but compiles the same padding bucket as the real one: the graph depends on the
+    atoms and the cutoff, the attributes' shapes on the manifolds only (what
+    :func:`aiida_eqml.ml.predict.warm_up_in_background` needs before the scf has run)."""
+    from .records import HUBBARD_TARGET_SPECS, hubbard_record_sample
+
+    onsite = {int(a): 0.5 * np.eye(2 * int(l) + 1)[None].repeat(2, axis=0) for a, l in hubbard_l.items()}
+    intersite = {tuple(int(x) for x in key): np.zeros((2, 2 * int(hubbard_l[key[0]]) + 1,
+                                                       2 * int(hubbard_l[key[1]]) + 1)) for key in couples}
+    sample = hubbard_record_sample(
+        atoms, onsite, {a: 0.0 for a in onsite}, intersite=intersite or None,
+        hubbard_v_scf={key: 0.0 for key in intersite} or None, info={"placeholder": True})
+    return Dataset([sample], {"hubbard_u": HUBBARD_TARGET_SPECS["hubbard_u"]})
 
 
 def predict_hubbard(
