@@ -124,11 +124,12 @@ def train_with_aiida(args, record, config: dict, seeds: list[int], work: Path) -
     return files, {"workchain_pk": node.pk, "workchain_uuid": node.uuid, "dataset_uuid": dataset.uuid, "profile": args.profile}
 
 
-def write_archive(args, out: Path) -> Path:
-    """``verdi archive create`` of the campaign's work chains (uuids from the per-cell json files)."""
+def write_archive(args, out: Path, extra_uuids=()) -> Path:
+    """``verdi archive create`` of the campaign's work chains (uuids from the per-cell json files) and of
+    ``extra_uuids`` (the ensemble's training work chain: the members' provenance back to their dataset)."""
     import subprocess
 
-    uuids = []
+    uuids = list(extra_uuids)
     for meta in sorted(CAMPAIGN.glob("*.json")):
         uuid = json.loads(meta.read_text()).get("workchain_uuid")
         if uuid:
@@ -249,9 +250,16 @@ def main(argv=None) -> None:
             if protocol is not None and m.get("protocol") is None:
                 raise SystemExit(f"{f}: the model metadata lacks the labels' protocol")
 
+        archive = out / "campaign.aiida"
+        kept_archive = None
+        if archive.exists() and not args.archive:  # keep the campaign's provenance unless it is written again
+            kept_archive = work / archive.name
+            shutil.move(archive, kept_archive)
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
+        if kept_archive is not None:
+            shutil.move(kept_archive, archive)
         entries = []
         for k, (f, seed) in enumerate(zip(member_files, seeds)):
             name = f"member_{k:02d}.eqml"
@@ -305,7 +313,7 @@ def main(argv=None) -> None:
     manifest = {"format": "aiida-eqml-ensemble", "format_version": 1, "members": entries, "metadata": meta}
     (out / "ensemble.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=float) + "\n")
     if args.archive:
-        write_archive(args, out)
+        write_archive(args, out, [aiida_info["workchain_uuid"]] if aiida_info else [])
     (out / "README.md").write_text(readme(meta, name))
 
     # Checks: loads as an ensemble, predicts the shipped record, fits the size budget.

@@ -104,10 +104,17 @@ def run_ml(name: str, models, codes: dict):
     builder = SelfConsistentMLHubbardWorkChain.get_builder_from_protocol(
         codes['pw'], hubbard_structure(material), models, protocol='balanced', **kwargs)
     start = time.time()
-    results, node = run_get_node(builder)
-    wall = time.time() - start
+    _, node = run_get_node(builder)
+    return ml_summary(name, node, time.time() - start)
+
+
+def ml_summary(name: str, node, wall: float | None = None):
+    """Wall time, scf floor, per-iteration U/V and the last scf's state of a finished ML loop (``wall``: as timed by
+    the caller, else the node's creation-to-last-change time)."""
     if not node.is_finished_ok:
         raise RuntimeError(f'{name}: ML loop pk {node.pk} exit {node.exit_status}: {node.exit_message}')
+    results = node.outputs
+    wall = (node.mtime - node.ctime).total_seconds() if wall is None else wall
     history = results['history'].get_list()
     scf_s = sum(step['wall_s'] for record in history for name_, step in record['steps'].items() if name_.startswith('scf'))
     iterations = []
@@ -152,11 +159,15 @@ def main(argv=None) -> None:
     parser.add_argument('--reuse-campaign', nargs='?', const='all', default=None, metavar='MATERIALS',
                         help='take the DFPT loop from the label campaign: for every material, or for these '
                              '(comma-separated; the others run both loops here)')
+    parser.add_argument('--ml-workchain', action='append', default=[], metavar='MATERIAL=PK',
+                        help='take the ML loop of MATERIAL from this finished eqml.hubbard.self_consistent run (with '
+                             'the same models) instead of running it (e.g. one run beside the campaign cell)')
     parser.add_argument('--profile', default=None)
     parser.add_argument('--out', default=str(OUT / 'ml_vs_dfpt.json'))
     args = parser.parse_args(argv)
 
     from aiida import load_profile
+    from aiida.orm import load_node
 
     load_profile(args.profile)
     from aiida_eqml.cli.hubbard import load_models
@@ -176,6 +187,14 @@ def main(argv=None) -> None:
     for model in models:
         trained_on |= set(model.read()[2].get('training_materials') or [])
         trained_on |= set((model.base.extras.get('eqml_reference', {}) or {}).get('training_materials') or [])
+    ml_nodes = {}
+    for entry in args.ml_workchain:
+        material, _, pk = entry.partition('=')
+        node = load_node(int(pk))
+        used = sorted(model.uuid for model in node.inputs.models.values())
+        if used != sorted(model.uuid for model in models):
+            raise SystemExit(f'--ml-workchain {entry}: that loop ran with other models than --model')
+        ml_nodes[material] = node
     rows = []
     for name in args.materials.split(','):
         if name in trained_on:
@@ -185,7 +204,10 @@ def main(argv=None) -> None:
         load_before = os.getloadavg()[0]
         dfpt = dfpt_from_campaign(key) if reuse else run_dfpt(name, key, codes)
         load_between = os.getloadavg()[0]
-        ml = run_ml(name, models, codes)
+        if name in ml_nodes:
+            ml = ml_summary(name, ml_nodes[name])
+        else:
+            ml = run_ml(name, models, codes)
         load_after = os.getloadavg()[0]
         n_atoms = len(MATERIALS[name].sites()[1])
         moment = dfpt['absolute_magnetization']
@@ -197,9 +219,10 @@ def main(argv=None) -> None:
             'd_gap_ev': abs(ml['band_gap_ev'] - dfpt['band_gap_ev']),
             'iterations_ml': len(ml['iterations']), 'iterations_dfpt': len(dfpt['iterations']),
             'dfpt_source': dfpt['source'], 'dfpt_reused': reuse, 'ml_workchain_pk': ml['pk'],
+            'ml_reused': name in ml_nodes,
             # 1-min load average of the machine (2 cores) before / after each loop: the times are only comparable
             # at similar load (a reused campaign loop ran with another cell beside it)
-            'load_average': {'dfpt': None if reuse else [load_before, load_between], 'ml': [load_between, load_after]},
+            'load_average': {'dfpt': None if reuse else [load_before, load_between], 'ml': None if name in ml_nodes else [load_between, load_after]},
             'ml_first_prediction_s': ml['first_prediction_s'], '_runs': {'dfpt': dfpt, 'ml': ml},
         })
         print(f'{name}: DFPT {dfpt["wall_s"]:.0f} s, ML {ml["wall_s"]:.0f} s', flush=True)
