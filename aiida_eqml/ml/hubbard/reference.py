@@ -103,7 +103,9 @@ def reference_member_files(name: str) -> list[Path]:
     files = [path / entry["file"] for entry in manifest.get("members") or []]
     missing = [f.name for f in files if not f.is_file()]
     if missing or not files:
-        raise ReferenceDataMissingError(f"reference model {name!r}: member files {missing or '(none listed)'} are missing in {path}")
+        raise ReferenceDataMissingError(
+            f"reference model {name!r}: member files {missing or '(none listed)'} are missing in {path}"
+        )
     return files
 
 
