@@ -4,7 +4,6 @@ Only click is imported here; the commands import :mod:`aiida_eqml.ml` (which nev
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -38,22 +37,22 @@ def train(dataset, config, out, resume, parent_model, no_progress):
     The same run as `python -m aiida_eqml.ml.train_cli` (what the eqml.train CalcJob starts), with the same exit codes:
     0 completed, 1 unexpected error, 2 invalid input, 3 NaN loss, 4 divergence.
     """
-    from aiida_eqml.ml.train_cli import METRICS_FILENAME, MODEL_FILENAME, train_command
+    from aiida_eqml.ml import rundir
+    from aiida_eqml.ml.train_cli import train_command
 
     code = train_command(dataset, config, out, resume=resume, parent_model=parent_model, progress=not no_progress)
     try:
-        with open(os.path.join(out, METRICS_FILENAME)) as handle:
-            metrics = json.load(handle)
+        metrics = rundir.read_metrics(out)
     except (OSError, ValueError):
         metrics = {}
     if code == 0:
         click.echo(
-            f'{os.path.join(out, MODEL_FILENAME)}: {metrics.get("epochs_run")} epoch(s), '
+            f'{os.path.join(out, rundir.MODEL)}: {metrics.get("epochs_run")} epoch(s), '
             f'best epoch {metrics.get("best_epoch")}'
         )
     else:
         click.echo(
-            f'training failed ({metrics.get("status", "error")}), see {os.path.join(out, METRICS_FILENAME)}', err=True
+            f'training failed ({metrics.get("status", "error")}), see {os.path.join(out, rundir.METRICS)}', err=True
         )
     sys.exit(code)
 

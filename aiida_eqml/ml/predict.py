@@ -449,16 +449,18 @@ def _model_files(source) -> tuple[list[str], list[str] | None]:
     """Model files of ``source`` and, for an ensemble directory, the sha256 its manifest records."""
     if isinstance(source, (list, tuple)):
         return [os.fspath(p) for p in source], None
+    from aiida_eqml.ml.ensemble import ENSEMBLE_MANIFEST
+
     source = os.fspath(source)
     if os.path.isdir(source):
-        manifest = os.path.join(source, "ensemble.json")
+        manifest = os.path.join(source, ENSEMBLE_MANIFEST)
         if os.path.exists(manifest):
             with open(manifest) as handle:
                 entries = json.load(handle).get("members") or []
             return [os.path.join(source, e["file"]) for e in entries], [e["sha256"] for e in entries]
         files = sorted(os.path.join(source, f) for f in os.listdir(source) if f.endswith(".eqml"))
         if not files:
-            raise FileNotFoundError(f"{source}: no ensemble.json and no .eqml model file in this directory")
+            raise FileNotFoundError(f"{source}: no {ENSEMBLE_MANIFEST} and no .eqml model file in this directory")
         return files, None
     if not os.path.exists(source):
         raise FileNotFoundError(f"{source}: no such model file or directory")
@@ -469,13 +471,14 @@ def load_predictor(source, *, cache: bool = False, **kwargs) -> Predictor:
     """A :class:`Predictor` from a model file, a list of files, an ensemble directory (``Ensemble.save``: every
     member is checked against the sha256 in ``ensemble.json``) or a directory of ``.eqml`` files.
     ``cache=True``: through :func:`cached_predictor`, keyed by the files' sha256."""
+    from aiida_eqml.ml.ensemble import ENSEMBLE_MANIFEST
     from aiida_eqml.ml.modelfile import file_sha256, load_model
 
     files, expected = _model_files(source)
     shas = [file_sha256(f) for f in files]
     for path, sha, want in zip(files, shas, expected or shas):
         if sha != want:
-            raise ValueError(f"{path}: sha256 differs from the one in ensemble.json (file replaced or corrupted)")
+            raise ValueError(f"{path}: sha256 differs from the one in {ENSEMBLE_MANIFEST} (file replaced or corrupted)")
 
     def load() -> Predictor:
         return Predictor([load_model(f) for f in files], names=[os.path.basename(f) for f in files], **kwargs)
