@@ -150,7 +150,9 @@ def dielectric_consistency(data_dir) -> dict:
         x.append(0.5 * np.einsum("iabc,ic->ab", sample.node_targets["raman_tensors"], u))
         y.append(sample.graph_targets["dielectric"])
     x, y = np.array(x), np.array(y)
-    corr = {f"{'xyz'[a]}{'xyz'[b]}": float(np.corrcoef(x[:, a, b], y[:, a, b])[0, 1]) for a in range(3) for b in range(a, 3)}
+    corr = {
+        f"{'xyz'[a]}{'xyz'[b]}": float(np.corrcoef(x[:, a, b], y[:, a, b])[0, 1]) for a in range(3) for b in range(a, 3)
+    }
     return {"records": len(dataset), "excluded": report.excluded, "correlation_per_component": corr}
 
 
@@ -162,8 +164,11 @@ def main(argv=None) -> int:
     p.add_argument("--radii", default="3.0,4.5,all", help="neighbour radii in Angstrom, 'all' for the whole supercell")
     p.add_argument("--targets", default="born_charges,raman_tensors")
     p.add_argument("--out-json", default=str(repo / "docs" / "benchmarks" / "bto_response.json"))
-    p.add_argument("--dielectric-check", action="store_true",
-                   help="only compare the Raman tensors with the dielectric tensors (section raman_dielectric_consistency)")
+    p.add_argument(
+        "--dielectric-check",
+        action="store_true",
+        help="only compare the Raman tensors with the dielectric tensors (section raman_dielectric_consistency)",
+    )
     args = p.parse_args(argv)
     if args.dielectric_check:
         check = dielectric_consistency(args.data)
@@ -194,8 +199,10 @@ def main(argv=None) -> int:
             print(f"{target:14s} {str(radius or 'all'):>7s} " + " ".join(f"{v:<9.4f}" for v in row), flush=True)
     payload = {
         "what": "per-site-type ridge regression of each tensor on the displacements within a radius "
-                "(not a transferable model; a probe of the labels)",
-        "command": " ".join(["python", "benchmarks/bto_linear_reference.py", *(argv if argv is not None else sys.argv[1:])]),
+        "(not a transferable model; a probe of the labels)",
+        "command": " ".join(
+            ["python", "benchmarks/bto_linear_reference.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "data": os.path.abspath(args.data),
         "test_set": [dataset[i].info["name"] for i in test_idx],
         "units": {t: UNITS[t] for t in targets},

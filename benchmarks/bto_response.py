@@ -130,9 +130,7 @@ def mean_neighbours(dataset, indices, cutoff: float) -> float:
 
 def run_one(dataset, route, target, train_idx, test_idx, epochs, batch_size, lr, seed, log, avg_num_neighbors,
             model_overrides=None):
-    from aiida_eqml.ml.training import train
-
-    from aiida_eqml.ml.training import compute_normalization
+    from aiida_eqml.ml.training import compute_normalization, train
 
     train_set = dataset.subset(train_idx)
     scale = derivative_energy_scale(train_set, target) if route == "derivative" else None
@@ -209,7 +207,7 @@ def plot(sections: dict, baselines, targets, path, linear=None):
     styles = {}
     for ax, target in zip(axes[0], targets):
         sizes = set()
-        for name, payload in sections.items():
+        for payload in sections.values():
             for route in ("direct", "derivative"):
                 rows = sorted((r for r in payload["results"] if r["target"] == target and r["route"] == route),
                               key=lambda r: r["n_train"])
@@ -354,10 +352,15 @@ def main(argv=None) -> int:
     if max(sizes) > len(pool):
         p.error(f"--sizes up to {max(sizes)} but only {len(pool)} valid records before the {N_TEST} held out")
     names = lambda idx: [dataset[i].info["name"] for i in idx]  # noqa: E731
-    log(f"test set: the last {N_TEST} valid files by index: {names(test_idx)} (loaded in {time.perf_counter() - t_load:.0f} s)")
+    log(
+        f"test set: the last {N_TEST} valid files by index: {names(test_idx)} "
+        f"(loaded in {time.perf_counter() - t_load:.0f} s)"
+    )
 
     baseline_n = min(32, len(pool))
-    baselines = {t: species_mean_baseline(dataset.subset(pool[:baseline_n]), dataset.subset(test_idx), t) for t in targets}
+    baselines = {
+        t: species_mean_baseline(dataset.subset(pool[:baseline_n]), dataset.subset(test_idx), t) for t in targets
+    }
     for t in targets:
         log(f"species-mean reference ({baseline_n} training): {t} test MAE {baselines[t]['mae']:.4f} {UNITS[t]}")
 
@@ -367,7 +370,9 @@ def main(argv=None) -> int:
         for target in targets:
             for n in sizes:
                 # Same number of optimiser steps at every size.
-                epochs = max(1, round(args.epochs * math.ceil(n_max / args.batch_size) / math.ceil(n / args.batch_size)))
+                epochs = max(
+                    1, round(args.epochs * math.ceil(n_max / args.batch_size) / math.ceil(n / args.batch_size))
+                )
                 results.append(run_one(dataset, route, target, pool[:n], test_idx, epochs, args.batch_size, args.lr,
                                        args.seed, log, mean_neighbours(dataset, pool[:n], model_config["cutoff"]),
                                        args.model))
@@ -398,11 +403,22 @@ def main(argv=None) -> int:
             "seed": args.seed,
         },
         "device": info,
-        "reference_species_mean": {t: {"n_train": baseline_n, "test_mae": baselines[t]["mae"], "per_species": baselines[t]["per_species"],
-                                       "issue_value": ISSUE_REFERENCE[t], "goal": ISSUE_GOAL[t], "unit": UNITS[t]} for t in targets},
+        "reference_species_mean": {
+            t: {
+                "n_train": baseline_n,
+                "test_mae": baselines[t]["mae"],
+                "per_species": baselines[t]["per_species"],
+                "issue_value": ISSUE_REFERENCE[t],
+                "goal": ISSUE_GOAL[t],
+                "unit": UNITS[t],
+            }
+            for t in targets
+        },
         "results": results,
     }
-    payload["command"] = " ".join(["python", "benchmarks/bto_response.py", *(argv if argv is not None else sys.argv[1:])])
+    payload["command"] = " ".join(
+        ["python", "benchmarks/bto_response.py", *(argv if argv is not None else sys.argv[1:])]
+    )
     merge_json(Path(args.out_json), args.section, payload)
     plot({args.section: payload}, {t: {"mae": b["mae"]} for t, b in baselines.items()}, targets, args.out_png)
     suffix = "" if args.section == "learning_curves" else f"_{args.section}"

@@ -37,7 +37,6 @@ the command line and git commit.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shlex
@@ -55,9 +54,18 @@ RESULTS = ROOT / "docs" / "benchmarks" / "hubbard_uv.json"
 
 #: Model sizes among which the selection picks (``--sizes``); overrides of ``SMALL_HUBBARD_CONFIG``.
 SIZES = {
-    "tiny": {"num_layers": 1, "hidden_irreps": "8x0e + 2x1o + 2x1e + 2x2e", "radial_hidden": [8, 8], "readout_product_mul": 2},
+    "tiny": {
+        "num_layers": 1,
+        "hidden_irreps": "8x0e + 2x1o + 2x1e + 2x2e",
+        "radial_hidden": [8, 8],
+        "readout_product_mul": 2,
+    },
     "small": {},
-    "medium": {"hidden_irreps": "32x0e + 8x1o + 8x1e + 8x2e + 4x2o", "radial_hidden": [32, 32], "readout_product_mul": 8},
+    "medium": {
+        "hidden_irreps": "32x0e + 8x1o + 8x1e + 8x2e + 4x2o",
+        "radial_hidden": [32, 32],
+        "readout_product_mul": 8,
+    },
 }
 
 
@@ -90,7 +98,9 @@ def scf_diagnostics(scf) -> dict:
     return {
         "scf_pk": scf.pk,
         "kpoints_mesh": mesh,
-        **diagnostics(scf.inputs.parameters.get_dict(), scf.outputs.output_parameters.get_dict(), scf.outputs.output_band),
+        **diagnostics(
+            scf.inputs.parameters.get_dict(), scf.outputs.output_parameters.get_dict(), scf.outputs.output_band
+        ),
     }
 
 
@@ -171,7 +181,9 @@ def load_labels(paths) -> tuple:
 
 def git_commit() -> str:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "benchmarks/hubbard_uv.py", "aiida_eqml/ml"],
                                cwd=ROOT, capture_output=True, text=True).stdout.strip()
         return commit + ("+dirty" if dirty else "")
@@ -199,9 +211,8 @@ class Trainer:
 
     def fit(self, indices, candidate: dict, seed: int):
         from aiida_eqml.ml.hubbard.models import hubbard_model_config
-        from aiida_eqml.ml.training import train
-
         from aiida_eqml.ml.hubbard.training import residual_targets
+        from aiida_eqml.ml.training import train
 
         subset = self.descriptors.subset(indices)
         if candidate.get("residual"):
@@ -242,7 +253,10 @@ class Trainer:
                 keys, v = entry["hubbard_v"]
                 for key, value in zip(np.asarray(keys).tolist(), np.asarray(v).reshape(-1)):
                     values[(index, "V", tuple(int(x) for x in key))] = float(value)
-        return {(r["sample"], r["kind"], r["key"]): values.get((r["sample"], r["kind"], r["key"]), float("nan")) for r in rows}
+        return {
+            (r["sample"], r["kind"], r["key"]): values.get((r["sample"], r["kind"], r["key"]), float("nan"))
+            for r in rows
+        }
 
 
 def _score(rows, predictions) -> dict:
@@ -296,10 +310,24 @@ def evaluate_material(trainer, split, flags, candidates, seeds, args) -> tuple[d
         for candidate in candidates:
             result = trainer.fit(fit, candidate, seeds[0])
             score = _score(val_rows, trainer.predict(result, val_rows))
-            selection["candidates"].append({**candidate, "val_mare_u": score["U"]["mare"], "val_mare_v": score["V"]["mare"],
-                                            "val_mae_u": score["U"]["mae"], "val_mae_v": score["V"]["mae"]})
-        chosen = min(range(len(candidates)), key=lambda k: _selection_score(
-            {"U": {"mare": selection["candidates"][k]["val_mare_u"]}, "V": {"mare": selection["candidates"][k]["val_mare_v"]}}))
+            selection["candidates"].append(
+                {
+                    **candidate,
+                    "val_mare_u": score["U"]["mare"],
+                    "val_mare_v": score["V"]["mare"],
+                    "val_mae_u": score["U"]["mae"],
+                    "val_mae_v": score["V"]["mae"],
+                }
+            )
+        chosen = min(
+            range(len(candidates)),
+            key=lambda k: _selection_score(
+                {
+                    "U": {"mare": selection["candidates"][k]["val_mare_u"]},
+                    "V": {"mare": selection["candidates"][k]["val_mare_v"]},
+                }
+            ),
+        )
     else:
         chosen = 0
         selection["note"] = "one candidate" if len(candidates) == 1 else "no validation split possible: first candidate"
@@ -415,7 +443,12 @@ def learning_curve_plot(points, path: Path) -> None:
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 4), squeeze=False)
     x = [p["n_train_materials"] for p in points]
     for ax, kind in zip(axes[0], kinds):
-        for name, style in (("model", "o-"), ("element_mean", "s--"), ("occupation_linear", "^--"), ("previous_iteration", "v:")):
+        for name, style in (
+            ("model", "o-"),
+            ("element_mean", "s--"),
+            ("occupation_linear", "^--"),
+            ("previous_iteration", "v:"),
+        ):
             y = [100 * p[name][f"mare_{kind}"] if p[name][f"mare_{kind}"] is not None else np.nan for p in points]
             ax.plot(x, y, style, label=name)
         ax.set_xlabel("training materials")
@@ -435,16 +468,22 @@ def run_evaluation(args) -> dict:
     commit = git_commit()  # the code that runs: taken at the start, not when the hours of training are over
     record, files = load_labels(args.labels)
     if args.ecutwfc is not None:  # an old record of two cutoffs: keep one DFT setting
-        record = record.subset([i for i, s in enumerate(record.samples) if abs(s.info.get("ecutwfc", -1) - args.ecutwfc) < 1e-6])
+        record = record.subset(
+            [i for i, s in enumerate(record.samples) if abs(s.info.get("ecutwfc", -1) - args.ecutwfc) < 1e-6]
+        )
     protocol = record_protocol(record)
     flags = label_flags(record, min_gap_ev=args.min_gap)
     usable_rows = label_table(record, None, flags)
     all_materials = sorted({material_of(s) for s in record.samples})
     splits = material_splits(record, flags, args.materials)
     usable_materials = sorted({r["material"] for r in usable_rows})
-    print(f"{len(record)} samples from {len(files)} files, {len(flags)} flagged by the quality filter; "
-          f"{sum(r['kind'] == 'U' for r in usable_rows)} U and {sum(r['kind'] == 'V' for r in usable_rows)} V labels usable; "
-          f"materials {usable_materials}", flush=True)
+    print(
+        f"{len(record)} samples from {len(files)} files, {len(flags)} flagged by the quality filter; "
+        f"{sum(r['kind'] == 'U' for r in usable_rows)} U and {sum(r['kind'] == 'V' for r in usable_rows)} V labels "
+        "usable; "
+        f"materials {usable_materials}",
+        flush=True,
+    )
     if len(usable_materials) < 2:
         raise SystemExit("leave-one-material-out needs at least two materials with usable labels")
     candidates = [{"size": size, "epochs": int(epochs), "residual": residual}
@@ -504,27 +543,41 @@ def run_evaluation(args) -> dict:
     stem = out_path.with_suffix("")
     plots = {"parity": f"{stem}_parity.png", "learning_curve": f"{stem}_learning_curve.png" if curve else None}
     result = {
-        "description": "Hubbard U/V from hp.x labels: leave-one-material-out evaluation of an E(3)-equivariant model "
-                       "on occupation-matrix descriptors against three baselines (benchmarks/hubbard_uv.py)",
+        "description": (
+            "Hubbard U/V from hp.x labels: leave-one-material-out evaluation of an E(3)-equivariant model "
+            "on occupation-matrix descriptors against three baselines (benchmarks/hubbard_uv.py)"
+        ),
         "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
         "commit": commit,
         "protocol": protocol or {},
         "label_files": [os.path.relpath(f, ROOT) if str(f).startswith(str(ROOT)) else str(f) for f in files],
         "n_samples": len(record),
         "n_labels": {"U": sum(r["kind"] == "U" for r in usable_rows), "V": sum(r["kind"] == "V" for r in usable_rows)},
-        "quality_filter": {"criteria": {"require_converged": True, "min_gap_ev": args.min_gap, "channels": "both"},
-                           "n_flagged": len(flags),
-                           "flagged": {record.samples[i].info.get("name", str(i)): issues for i, issues in flags.items()}},
+        "quality_filter": {
+            "criteria": {"require_converged": True, "min_gap_ev": args.min_gap, "channels": "both"},
+            "n_flagged": len(flags),
+            "flagged": {record.samples[i].info.get("name", str(i)): issues for i, issues in flags.items()},
+        },
         "materials": usable_materials,
         "materials_all": all_materials,
-        "settings": {"seeds": seeds, "candidates": candidates, "val_fraction": args.val_fraction, "cutoff": args.cutoff,
-                     "learning_rate": args.learning_rate, "batch_size": args.batch_size, "sizes": {k: SIZES[k] for k in args.sizes},
-                     "ecutwfc": args.ecutwfc},
+        "settings": {
+            "seeds": seeds,
+            "candidates": candidates,
+            "val_fraction": args.val_fraction,
+            "cutoff": args.cutoff,
+            "learning_rate": args.learning_rate,
+            "batch_size": args.batch_size,
+            "sizes": {k: SIZES[k] for k in args.sizes},
+            "ecutwfc": args.ecutwfc,
+        },
         "leave_one_material_out": entries,
         "summary": summary,
         "learning_curve": curve,
         "held_out_labels": [{k: (list(v) if k == "key" else v) for k, v in r.items()} for r in held_out_rows],
-        "plots": {k: (os.path.relpath(v, ROOT) if v and str(Path(v).resolve()).startswith(str(ROOT)) else v) for k, v in plots.items()},
+        "plots": {
+            k: (os.path.relpath(v, ROOT) if v and str(Path(v).resolve()).startswith(str(ROOT)) else v)
+            for k, v in plots.items()
+        },
         "timing": {"train_runs": trainer.runs, "train_seconds": trainer.seconds, "wall_seconds": time.time() - t_start},
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -532,8 +585,11 @@ def run_evaluation(args) -> dict:
     parity_plot(held_out_rows, Path(plots["parity"]), "held-out materials")
     if curve:
         learning_curve_plot(curve, Path(plots["learning_curve"]))
-    print(f"\nsummary: MARE U {summary['mare_u']} (best baseline {summary['best_baseline_u']} {summary['mare_u_best_baseline']}),"
-          f" MARE V {summary['mare_v']} (best baseline {summary['best_baseline_v']} {summary['mare_v_best_baseline']})")
+    print(
+        f"\nsummary: MARE U {summary['mare_u']} "
+        f"(best baseline {summary['best_baseline_u']} {summary['mare_u_best_baseline']}),"
+        f" MARE V {summary['mare_v']} (best baseline {summary['best_baseline_v']} {summary['mare_v_best_baseline']})"
+    )
     print(f"wrote {out_path}, {plots['parity']}" + (f", {plots['learning_curve']}" if curve else ""))
     return result
 
@@ -545,19 +601,30 @@ def main(argv=None) -> None:
     h.add_argument("--profile", default="eqml-dev")
     h.add_argument("--output", type=Path, default=LABELS)
     e = sub.add_parser("evaluate", help="leave-one-material-out evaluation -> json + plots")
-    e.add_argument("--labels", nargs="+", default=None, help=f"npz files or directories (default {os.path.relpath(CAMPAIGN, ROOT)})")
+    e.add_argument(
+        "--labels",
+        nargs="+",
+        default=None,
+        help=f"npz files or directories (default {os.path.relpath(CAMPAIGN, ROOT)})",
+    )
     e.add_argument("--out", default=str(RESULTS))
-    e.add_argument("--materials", nargs="+", default=None, help="hold out only these materials (training uses all others)")
+    e.add_argument(
+        "--materials", nargs="+", default=None, help="hold out only these materials (training uses all others)"
+    )
     e.add_argument("--seeds", type=int, default=3)
     e.add_argument("--seed", type=int, default=0, help="first seed (also of the validation and learning-curve draws)")
     e.add_argument("--epochs", type=int, nargs="+", default=[300, 600], help="candidate epoch counts for the selection")
-    e.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "medium"], help="candidate model sizes")
+    e.add_argument(
+        "--sizes", nargs="+", choices=sorted(SIZES), default=["small", "medium"], help="candidate model sizes"
+    )
     e.add_argument("--residual", nargs="+", type=lambda v: {"yes": True, "no": False}[v], default=[False, True],
                    metavar="{yes,no}", help="candidate targets: absolute U/V (no) and/or U - U_scf, V - V_scf (yes)")
     e.add_argument("--val-fraction", type=float, default=0.25, help="fraction of the training materials for validation")
     e.add_argument("--learning-curve", nargs="+", default=["auto"],
                    help="numbers of training materials, 'auto' (1, 2, 4, ... all) or 'none'")
-    e.add_argument("--min-gap", type=float, default=0.0, help="band gap (eV) the quality filter requires per spin channel")
+    e.add_argument(
+        "--min-gap", type=float, default=0.0, help="band gap (eV) the quality filter requires per spin channel"
+    )
     e.add_argument("--ecutwfc", type=float, default=None, help="keep only labels at this cutoff (Ry; older record)")
     e.add_argument("--cutoff", type=float, default=4.0)
     e.add_argument("--batch-size", type=int, default=4)

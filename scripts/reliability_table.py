@@ -62,15 +62,28 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--no-run', action='store_true', help='do not run the tests; use the existing JSON')
-    parser.add_argument('--without-qe', action='store_true', help='skip the tests that need the embedded QE (marker qe)')
+    parser.add_argument(
+        '--without-qe', action='store_true', help='skip the tests that need the embedded QE (marker qe)'
+    )
     args = parser.parse_args(argv)
     if not args.no_run:
-        command = [sys.executable, '-m', 'pytest', '-q', *TESTS, f'--reliability-json={JSON_PATH}', '-p', 'no:cacheprovider']
+        command = [
+            sys.executable,
+            '-m',
+            'pytest',
+            '-q',
+            *TESTS,
+            f'--reliability-json={JSON_PATH}',
+            '-p',
+            'no:cacheprovider',
+        ]
         if args.without_qe:
             command += ['-m', 'not qe']
         status = subprocess.call(command, cwd=ROOT)
         if status != 0:
-            print(f'reliability tests failed (exit {status}); the table is written from the passing ones', file=sys.stderr)
+            print(
+                f'reliability tests failed (exit {status}); the table is written from the passing ones', file=sys.stderr
+            )
     with open(JSON_PATH) as handle:
         rows = json.load(handle)
     with open(MD_PATH, 'w') as handle:

@@ -25,7 +25,10 @@ import sys
 
 import pytest
 
-pytest_plugins = ['aiida.tools.pytest_fixtures', 'reliability_plugin']  # reliability_plugin: rows of docs/reliability.md
+pytest_plugins = [
+    'aiida.tools.pytest_fixtures',
+    'reliability_plugin',
+]  # reliability_plugin: rows of docs/reliability.md
 
 _THIS_CONFTEST = sys.modules[__name__]
 
@@ -49,7 +52,8 @@ def pytest_configure(config):
 
         jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
         jax.config.update(
-            'jax_persistent_cache_min_compile_time_secs', float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'])
+            'jax_persistent_cache_min_compile_time_secs',
+            float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']),
         )
 
 

@@ -67,7 +67,8 @@ class TrainingInputError(ValueError):
 
 
 def get_or_create_python_code(computer: orm.Computer, executable: str | None = None, label: str = 'eqml-python'):
-    """The ``InstalledCode`` ``label@computer`` running ``executable`` (default: this interpreter), created if absent."""
+    """The ``InstalledCode`` ``label@computer`` running ``executable`` (default: this interpreter), created if
+    absent."""
     import sys
 
     executable = executable or sys.executable
@@ -76,7 +77,9 @@ def get_or_create_python_code(computer: orm.Computer, executable: str | None = N
     for code in query.all(flat=True):
         if str(code.filepath_executable) == executable:
             return code
-        raise ValueError(f'code `{label}@{computer.label}` exists but runs {code.filepath_executable}, not {executable}')
+        raise ValueError(
+            f'code `{label}@{computer.label}` exists but runs {code.filepath_executable}, not {executable}'
+        )
     code = orm.InstalledCode(
         label=label,
         computer=computer,
@@ -133,7 +136,8 @@ def check_training_inputs(datasets: dict, config: dict, parent: EqmlModelData | 
         missing = sorted(set(wanted) - set(learnable))
         if missing:
             raise TrainingInputError(
-                'ERROR_NO_TARGETS', f'config `targets` {missing} are not both model heads and dataset targets {learnable}'
+                'ERROR_NO_TARGETS',
+                f'config `targets` {missing} are not both model heads and dataset targets {learnable}',
             )
 
     species = sorted({symbol for node in datasets.values() for symbol in node.species})
@@ -143,7 +147,9 @@ def check_training_inputs(datasets: dict, config: dict, parent: EqmlModelData | 
         try:
             parent.read()  # the weight checksum: a corrupt repository file is caught here, not on the GPU node
         except (ModelFileError, OSError) as exception:
-            raise TrainingInputError('ERROR_CORRUPT_PARENT_MODEL', f'parent model pk={parent.pk}: {exception}') from exception
+            raise TrainingInputError(
+                'ERROR_CORRUPT_PARENT_MODEL', f'parent model pk={parent.pk}: {exception}'
+            ) from exception
     elif (full.get('model') or {}).get('species'):
         model_species = list(full['model']['species'])
     if model_species is not None:
@@ -182,9 +188,14 @@ class EqmlTrainCalculation(CalcJob):
             dynamic=True,
             help='Training data: one or more `eqml.dataset` nodes (several are concatenated, sorted by key).',
         )
-        spec.input('config', valid_type=orm.Dict, help='Training config (aiida_eqml.ml.training.DEFAULT_TRAINING_CONFIG).')
         spec.input(
-            'parent_model', valid_type=EqmlModelData, required=False, help='Model to fine-tune (species/architecture kept).'
+            'config', valid_type=orm.Dict, help='Training config (aiida_eqml.ml.training.DEFAULT_TRAINING_CONFIG).'
+        )
+        spec.input(
+            'parent_model',
+            valid_type=EqmlModelData,
+            required=False,
+            help='Model to fine-tune (species/architecture kept).',
         )
         spec.input(
             'restart_checkpoint',
@@ -196,7 +207,8 @@ class EqmlTrainCalculation(CalcJob):
             'metadata.options.walltime_margin_seconds',
             valid_type=int,
             default=60,
-            help='With `max_wallclock_seconds`, stop the training this many seconds before the limit (checkpoint kept).',
+            help='With `max_wallclock_seconds`, stop the training this many seconds before the limit '
+            '(checkpoint kept).',
         )
         spec.input(
             'metadata.options.gpus',
@@ -212,8 +224,12 @@ class EqmlTrainCalculation(CalcJob):
         spec.inputs['metadata']['options']['output_filename'].default = 'train.out'
         spec.inputs.validator = validate_inputs
 
-        spec.output('model', valid_type=EqmlModelData, required=False, help='The trained model (best validation epoch).')
-        spec.output('metrics', valid_type=orm.Dict, required=False, help='metrics.json: status, errors per split/target.')
+        spec.output(
+            'model', valid_type=EqmlModelData, required=False, help='The trained model (best validation epoch).'
+        )
+        spec.output(
+            'metrics', valid_type=orm.Dict, required=False, help='metrics.json: status, errors per split/target.'
+        )
         spec.output('learning_curve', valid_type=orm.ArrayData, required=False, help='One array per column of log.csv.')
         spec.output('checkpoint', valid_type=orm.SinglefileData, required=False, help='Last epoch state, for resuming.')
 

@@ -24,7 +24,9 @@ def _parse_magnetization(text: str | None) -> dict[str, float]:
         try:
             moments[key.strip()] = float(value)
         except ValueError:
-            raise click.BadParameter(f'{item!r}: expected KIND=MOMENT, e.g. Ni1=2', param_hint='--magnetization') from None
+            raise click.BadParameter(
+                f'{item!r}: expected KIND=MOMENT, e.g. Ni1=2', param_hint='--magnetization'
+            ) from None
     return moments
 
 
@@ -112,8 +114,12 @@ def _print_progress(node, printed: set) -> None:
             continue
         printed.add(iteration)
         spread = link.node.outputs.spread.get_dict()['parameters']
-        values = ', '.join(f"{'U' if e['kind'] == 'U' else 'V'}{e['atom_index']}{'' if e['kind'] == 'U' else '-' + str(e['neighbour_index'])}"
-                           f" = {e['mean']:.3f} ± {e['std']:.3f}" for e in spread)
+        values = ', '.join(
+            f"{'U' if e['kind'] == 'U' else 'V'}{e['atom_index']}"
+            f"{'' if e['kind'] == 'U' else '-' + str(e['neighbour_index'])}"
+            f" = {e['mean']:.3f} ± {e['std']:.3f}"
+            for e in spread
+        )
         click.echo(f'iteration {iteration} [ml prediction]: {values}')
 
 

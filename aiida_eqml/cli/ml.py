@@ -4,7 +4,6 @@ Only click is imported here; the commands import :mod:`aiida_eqml.ml` (which nev
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -14,9 +13,23 @@ import click
 @click.command('train')
 @click.argument('dataset', type=click.Path(dir_okay=False))
 @click.argument('config', type=click.Path(dir_okay=False))
-@click.option('-o', '--out', required=True, type=click.Path(file_okay=False), help='Output directory (model.eqml, metrics.json, logs, checkpoint).')
-@click.option('--resume', type=click.Path(dir_okay=False), help='checkpoint.msgpack of an interrupted run with the same dataset and config.')
-@click.option('--parent-model', type=click.Path(dir_okay=False), help='Model file to fine-tune (species, architecture, normalisation kept).')
+@click.option(
+    '-o',
+    '--out',
+    required=True,
+    type=click.Path(file_okay=False),
+    help='Output directory (model.eqml, metrics.json, logs, checkpoint).',
+)
+@click.option(
+    '--resume',
+    type=click.Path(dir_okay=False),
+    help='checkpoint.msgpack of an interrupted run with the same dataset and config.',
+)
+@click.option(
+    '--parent-model',
+    type=click.Path(dir_okay=False),
+    help='Model file to fine-tune (species, architecture, normalisation kept).',
+)
 @click.option('--no-progress', is_flag=True, help='No progress bar.')
 def train(dataset, config, out, resume, parent_model, no_progress):
     """Train a model on DATASET (.npz, aiida_eqml.ml.dataset) with the training CONFIG (JSON).
@@ -24,18 +37,23 @@ def train(dataset, config, out, resume, parent_model, no_progress):
     The same run as `python -m aiida_eqml.ml.train_cli` (what the eqml.train CalcJob starts), with the same exit codes:
     0 completed, 1 unexpected error, 2 invalid input, 3 NaN loss, 4 divergence.
     """
-    from aiida_eqml.ml.train_cli import METRICS_FILENAME, MODEL_FILENAME, train_command
+    from aiida_eqml.ml import rundir
+    from aiida_eqml.ml.train_cli import train_command
 
     code = train_command(dataset, config, out, resume=resume, parent_model=parent_model, progress=not no_progress)
     try:
-        with open(os.path.join(out, METRICS_FILENAME)) as handle:
-            metrics = json.load(handle)
+        metrics = rundir.read_metrics(out)
     except (OSError, ValueError):
         metrics = {}
     if code == 0:
-        click.echo(f'{os.path.join(out, MODEL_FILENAME)}: {metrics.get("epochs_run")} epoch(s), best epoch {metrics.get("best_epoch")}')
+        click.echo(
+            f'{os.path.join(out, rundir.MODEL)}: {metrics.get("epochs_run")} epoch(s), '
+            f'best epoch {metrics.get("best_epoch")}'
+        )
     else:
-        click.echo(f'training failed ({metrics.get("status", "error")}), see {os.path.join(out, METRICS_FILENAME)}', err=True)
+        click.echo(
+            f'training failed ({metrics.get("status", "error")}), see {os.path.join(out, rundir.METRICS)}', err=True
+        )
     sys.exit(code)
 
 
@@ -43,7 +61,9 @@ def train(dataset, config, out, resume, parent_model, no_progress):
 @click.argument('model', type=click.Path(exists=True))
 @click.argument('structures', nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option('-o', '--output', required=True, type=click.Path(dir_okay=False), help='Output file (extended XYZ).')
-@click.option('--format', 'input_format', default=None, help='ASE format of the inputs (default: guessed from the file names).')
+@click.option(
+    '--format', 'input_format', default=None, help='ASE format of the inputs (default: guessed from the file names).'
+)
 @click.option('--batch-size', default=8, show_default=True, help='Structures padded and evaluated together.')
 @click.option('--no-progress', is_flag=True, help='No progress bar.')
 def predict(model, structures, output, input_format, batch_size, no_progress):

@@ -28,7 +28,9 @@ def _creator_label(node) -> str:
     return f'{creator.process_label}<{creator.pk}>' if creator is not None else '-'
 
 
-def _query(cls, species: tuple[str, ...], targets: tuple[str, ...], limit: int | None, species_key: str, targets_key: str):
+def _query(
+    cls, species: tuple[str, ...], targets: tuple[str, ...], limit: int | None, species_key: str, targets_key: str
+):
     from aiida import orm
 
     filters = {}
@@ -68,7 +70,16 @@ def dataset_list(species, targets, limit):
         echo.echo_report('no eqml.dataset nodes found')
         return
     rows = [
-        [n.pk, n.ctime.strftime('%Y-%m-%d %H:%M'), n.n_samples, n.n_atoms, _short_list(n.species), _short_list(n.target_names), _creator_label(n), n.sha256[:12]]
+        [
+            n.pk,
+            n.ctime.strftime('%Y-%m-%d %H:%M'),
+            n.n_samples,
+            n.n_atoms,
+            _short_list(n.species),
+            _short_list(n.target_names),
+            _creator_label(n),
+            n.sha256[:12],
+        ]
         for n in nodes
     ]
     echo.echo(_table(rows, ['PK', 'Created', 'Samples', 'Atoms', 'Species', 'Targets', 'Creator', 'sha256']))
@@ -97,7 +108,10 @@ def dataset_show(identifier):
     ]
     echo.echo(_table([list(line) for line in lines], ['Property', 'Value']))
     echo.echo('')
-    rows = [[name, spec.get('level'), spec.get('tensor', spec.get('irreps')), spec.get('unit', '')] for name, spec in sorted(node.target_specs.items())]
+    rows = [
+        [name, spec.get('level'), spec.get('tensor', spec.get('irreps')), spec.get('unit', '')]
+        for name, spec in sorted(node.target_specs.items())
+    ]
     echo.echo(_table(rows, ['Target', 'Level', 'Tensor / irreps', 'Unit']))
     models = _models_trained_on(node)
     if models:
@@ -173,7 +187,16 @@ def model_list(species, targets, limit):
         echo.echo_report('no eqml.model nodes found')
         return
     rows = [
-        [n.pk, n.ctime.strftime('%Y-%m-%d %H:%M'), n.architecture, _short_list(n.species), _short_list(n.targets), _test_summary(n), _creator_label(n), n.sha256[:12]]
+        [
+            n.pk,
+            n.ctime.strftime('%Y-%m-%d %H:%M'),
+            n.architecture,
+            _short_list(n.species),
+            _short_list(n.targets),
+            _test_summary(n),
+            _creator_label(n),
+            n.sha256[:12],
+        ]
         for n in nodes
     ]
     echo.echo(_table(rows, ['PK', 'Created', 'Arch', 'Species', 'Targets', 'Test MAE', 'Creator', 'sha256']))
@@ -211,7 +234,16 @@ def model_show(identifier, show_metrics):
     for name, head in sorted((node.heads or {}).items()):
         spec = (node.target_specs or {}).get(name, {})
         metrics = (node.test_metrics or {}).get(name, {})
-        rows.append([name, head.get('level'), spec.get('tensor', head.get('irreps')), spec.get('unit', ''), metrics.get('mae', '-'), metrics.get('rmse', '-')])
+        rows.append(
+            [
+                name,
+                head.get('level'),
+                spec.get('tensor', head.get('irreps')),
+                spec.get('unit', ''),
+                metrics.get('mae', '-'),
+                metrics.get('rmse', '-'),
+            ]
+        )
     echo.echo(_table(rows, ['Head', 'Level', 'Tensor / irreps', 'Unit', 'Test MAE', 'Test RMSE']))
     if show_metrics:
         echo.echo('')
@@ -234,7 +266,8 @@ def _training_datasets(model_node) -> list[tuple[int, int]]:
 @click.option('-f', '--force', is_flag=True, help='Overwrite OUTPUT if it exists.')
 @decorators.with_dbenv()
 def model_export(identifier, output, force):
-    """Write the model file to OUTPUT (byte-identical: same sha256), loadable with aiida_eqml.ml.modelfile.load_model."""
+    """Write the model file to OUTPUT (byte-identical: same sha256), loadable with
+    aiida_eqml.ml.modelfile.load_model."""
     from aiida_eqml.data.model import load_model_node
     from aiida_eqml.ml.modelfile import file_sha256
 
@@ -247,7 +280,9 @@ def model_export(identifier, output, force):
     node.export(output)
     digest = file_sha256(output)
     if digest != node.sha256:
-        echo.echo_critical(f'{output}: sha256 {digest} differs from the node\'s {node.sha256}: the repository copy is corrupt')
+        echo.echo_critical(
+            f'{output}: sha256 {digest} differs from the node\'s {node.sha256}: the repository copy is corrupt'
+        )
     echo.echo_success(f'model {node.pk} written to {output} (sha256 {digest})')
 
 
@@ -288,4 +323,6 @@ def model_import_reference(name, list_only):
         node.base.extras.set('eqml_reference', {'name': name, 'member': index, 'file': path.name, **summary})
         pks.append(node.pk)
         echo.echo(f'{name} {path.name}: eqml.model {node.pk} (sha256 {node.sha256[:12]})')
-    echo.echo_success(f'reference model {name}: {len(pks)} members as eqml.model nodes {" ".join(str(pk) for pk in pks)}')
+    echo.echo_success(
+        f'reference model {name}: {len(pks)} members as eqml.model nodes {" ".join(str(pk) for pk in pks)}'
+    )

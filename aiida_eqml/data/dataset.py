@@ -127,7 +127,8 @@ class EqmlDatasetData(orm.Data):
             return Dataset.load(path, validate=validate)
 
     def export_extxyz(self, path: str | os.PathLike) -> None:
-        """Write all samples as extended XYZ (node/graph labels as per-atom arrays / info; see ``Dataset.to_extxyz``)."""
+        """Write all samples as extended XYZ (node/graph labels as per-atom arrays / info; see
+        ``Dataset.to_extxyz``)."""
         self.get_dataset(validate=False).to_extxyz(path)
 
     def export_npz(self, path: str | os.PathLike) -> None:
@@ -137,7 +138,7 @@ class EqmlDatasetData(orm.Data):
 
     # ---------------------------------------------------------------- deduplication
     @classmethod
-    def find_by_sha256(cls, sha256: str) -> 'EqmlDatasetData | None':
+    def find_by_sha256(cls, sha256: str) -> EqmlDatasetData | None:
         """The oldest stored dataset node whose content hash is ``sha256``, or None."""
         query = orm.QueryBuilder().append(cls, filters={'attributes.sha256': sha256}, project='*', tag='dataset')
         query.order_by({'dataset': {'ctime': 'asc'}}).limit(1)
@@ -145,7 +146,7 @@ class EqmlDatasetData(orm.Data):
         return found
 
     @classmethod
-    def get_or_create(cls, dataset: Dataset) -> 'EqmlDatasetData':
+    def get_or_create(cls, dataset: Dataset) -> EqmlDatasetData:
         """Return the stored node with the same content as ``dataset`` if there is one, else store a new one."""
         with tempfile.TemporaryDirectory(prefix='eqml-dataset-') as scratch:
             path = os.path.join(scratch, FILENAME)

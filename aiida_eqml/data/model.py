@@ -2,7 +2,8 @@
 
 The file is validated before it enters the repository (magic header, format version, the sha256 over config, weights
 and metadata, the config against the model schema, the weights against the layers it builds: what
-:func:`aiida_eqml.ml.modelfile.load_model` checks), so a stored ``eqml.model`` node always holds a loadable model. Queryable attributes describe it without opening it::
+:func:`aiida_eqml.ml.modelfile.load_model` checks), so a stored ``eqml.model`` node always holds a loadable model.
+Queryable attributes describe it without opening it::
 
     QueryBuilder().append(EqmlModelData, filters={'attributes.species': {'contains': ['Ni']},
                                                   'attributes.targets': {'contains': ['hubbard_u']}})
@@ -82,7 +83,9 @@ class EqmlModelData(orm.Data):
     def __init__(self, filepath: str | os.PathLike | None = None, **kwargs):
         super().__init__(**kwargs)
         if filepath is None:
-            raise ValueError('EqmlModelData needs `filepath`: a model file written by aiida_eqml.ml.modelfile.save_model')
+            raise ValueError(
+                'EqmlModelData needs `filepath`: a model file written by aiida_eqml.ml.modelfile.save_model'
+            )
         path = os.fspath(filepath)
         attributes = _summary_attributes(path)
         self.base.repository.put_object_from_file(path, FILENAME)
@@ -163,14 +166,14 @@ class EqmlModelData(orm.Data):
 
     # ---------------------------------------------------------------- deduplication
     @classmethod
-    def find_by_sha256(cls, sha256: str) -> 'EqmlModelData | None':
+    def find_by_sha256(cls, sha256: str) -> EqmlModelData | None:
         """The oldest stored model node whose file hash is ``sha256``, or None."""
         query = orm.QueryBuilder().append(cls, filters={'attributes.sha256': sha256}, project='*', tag='model')
         query.order_by({'model': {'ctime': 'asc'}}).limit(1)
         return query.first(flat=True)
 
     @classmethod
-    def get_or_create(cls, filepath: str | os.PathLike) -> 'EqmlModelData':
+    def get_or_create(cls, filepath: str | os.PathLike) -> EqmlModelData:
         """The stored node holding a file identical to ``filepath`` if there is one, else a new stored node."""
         existing = cls.find_by_sha256(file_sha256(filepath))
         if existing is not None:
@@ -178,7 +181,7 @@ class EqmlModelData(orm.Data):
         return cls(filepath=filepath).store()
 
     @classmethod
-    def from_bytes(cls, content: bytes) -> 'EqmlModelData':
+    def from_bytes(cls, content: bytes) -> EqmlModelData:
         """An unstored node from the bytes of a model file (validated like a file)."""
         with tempfile.TemporaryDirectory(prefix='eqml-model-') as scratch:
             path = os.path.join(scratch, FILENAME)

@@ -61,8 +61,15 @@ class OccupationMatricesData(orm.ArrayData):
         ls = []
         for atom in atoms:
             block = np.asarray(onsite[atom], dtype=np.float64)
-            if block.ndim != 3 or block.shape[0] != nspin or block.shape[1] != block.shape[2] or block.shape[1] % 2 == 0:
-                raise ValueError(f"on-site block of atom {atom} has shape {block.shape}, expected [nspin={nspin}, 2l+1, 2l+1]")
+            if (
+                block.ndim != 3
+                or block.shape[0] != nspin
+                or block.shape[1] != block.shape[2]
+                or block.shape[1] % 2 == 0
+            ):
+                raise ValueError(
+                    f"on-site block of atom {atom} has shape {block.shape}, expected [nspin={nspin}, 2l+1, 2l+1]"
+                )
             ls.append((block.shape[1] - 1) // 2)
         l_of = dict(zip(atoms, ls))
         width = 2 * max(ls) + 1
@@ -162,7 +169,9 @@ class OccupationMatricesData(orm.ArrayData):
             "hubbard_u": hubbard_u,
             "intersite_keys": keys,
             "intersite": self.get_array("intersite"),
-            "pair_l": np.stack([site_l[keys[:, 0]], site_l[keys[:, 1]]], axis=1) if len(keys) else np.zeros((0, 2), np.int64),
+            "pair_l": np.stack([site_l[keys[:, 0]], site_l[keys[:, 1]]], axis=1)
+            if len(keys)
+            else np.zeros((0, 2), np.int64),
             "hubbard_v": self.get_array("intersite_hubbard_v"),
             "distances": self.get_array("intersite_distances"),
         }

@@ -88,8 +88,8 @@ def ensure_profile(profile_name: str | None = None, echo=print):
     daemon runs without RabbitMQ or PostgreSQL. Returns (profile, created).
     """
     from aiida import get_profile, load_profile
-    from aiida.plugins import BrokerFactory
     from aiida.manage.configuration import create_profile, get_config
+    from aiida.plugins import BrokerFactory
 
     loaded = get_profile()
     if loaded is not None and profile_name in (None, loaded.name):

@@ -16,7 +16,8 @@ calculator as ``node_attrs`` / ``edge_attrs`` (the layout of :meth:`Predictor.pr
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
@@ -30,7 +31,13 @@ __all__ = ["EqmlCalculator"]
 class EqmlCalculator(Calculator):
     """ASE calculator for an aiida-eqml model or ensemble (see the module docstring)."""
 
-    def __init__(self, predictor, node_attrs: Mapping[str, Any] | None = None, edge_attrs: Mapping[str, Any] | None = None, **kwargs):
+    def __init__(
+        self,
+        predictor,
+        node_attrs: Mapping[str, Any] | None = None,
+        edge_attrs: Mapping[str, Any] | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.predictor = predictor if isinstance(predictor, Predictor) else load_predictor(predictor, cache=True)
         self.node_attrs = dict(node_attrs or {})
@@ -72,7 +79,9 @@ class EqmlCalculator(Calculator):
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
-        self.results = self.to_results(self.predictor.predict(self.atoms, node_attrs=self.node_attrs, edge_attrs=self.edge_attrs))
+        self.results = self.to_results(
+            self.predictor.predict(self.atoms, node_attrs=self.node_attrs, edge_attrs=self.edge_attrs)
+        )
 
     def to_results(self, out: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """A :meth:`Predictor.predict` output in this calculator's names and layout (``aiida-eqml predict`` too)."""

@@ -21,7 +21,8 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -111,7 +112,7 @@ class Sample:
         return ase.Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
 
     @classmethod
-    def from_ase(cls, atoms, **kwargs) -> "Sample":
+    def from_ase(cls, atoms, **kwargs) -> Sample:
         return cls(
             numbers=atoms.numbers,
             positions=atoms.positions,
@@ -161,7 +162,9 @@ def _check_spec(name: str, spec: Mapping[str, Any]) -> None:
 class Dataset:
     """A list of samples plus the specification of every target they carry."""
 
-    def __init__(self, samples: Sequence[Sample], target_specs: Mapping[str, Mapping[str, Any]], *, validate: bool = True):
+    def __init__(
+        self, samples: Sequence[Sample], target_specs: Mapping[str, Mapping[str, Any]], *, validate: bool = True
+    ):
         self.samples = list(samples)
         self.target_specs = {k: dict(v) for k, v in target_specs.items()}
         if validate:
@@ -181,7 +184,7 @@ class Dataset:
     def __iter__(self):
         return iter(self.samples)
 
-    def subset(self, indices: Iterable[int]) -> "Dataset":
+    def subset(self, indices: Iterable[int]) -> Dataset:
         return Dataset([self.samples[int(i)] for i in indices], self.target_specs, validate=False)
 
     def __repr__(self) -> str:
@@ -221,16 +224,24 @@ class Dataset:
             raise ValueError(f"{where}: cell contains NaN/inf")
         # The lattice vectors of the periodic directions must be linearly independent.
         if np.any(s.pbc) and np.linalg.matrix_rank(s.cell[s.pbc], tol=1e-6) < int(np.sum(s.pbc)):
-            raise ValueError(f"{where}: the cell vectors of the periodic directions {s.pbc.tolist()} are degenerate: {s.cell.tolist()}")
+            raise ValueError(
+                f"{where}: the cell vectors of the periodic directions {s.pbc.tolist()} are degenerate: "
+                f"{s.cell.tolist()}"
+            )
 
         groups = (("node", s.node_targets), ("graph", s.graph_targets), ("edge", s.edge_targets))
         for level, targets in groups:
             for tname, value in targets.items():
                 spec = self.target_specs.get(tname)
                 if spec is None:
-                    raise ValueError(f"{where}: target {tname!r} is not declared in target_specs {list(self.target_specs)}")
+                    raise ValueError(
+                        f"{where}: target {tname!r} is not declared in target_specs {list(self.target_specs)}"
+                    )
                 if spec["level"] != level:
-                    raise ValueError(f"{where}: target {tname!r} is declared at level {spec['level']!r} but given as a {level} target")
+                    raise ValueError(
+                        f"{where}: target {tname!r} is declared at level {spec['level']!r} "
+                        f"but given as a {level} target"
+                    )
                 per_entry = target_shape(spec)
                 if level == "edge":
                     self._validate_edge(where, f"target {tname!r}", value, n, per_entry)
@@ -241,10 +252,14 @@ class Dataset:
                         raise ValueError(f"{where}: target {tname!r}: expected shape {expected}, got {value.shape}")
                     array = value
                 if np.any(np.isinf(array)):
-                    raise ValueError(f"{where}: target {tname!r} contains inf (only NaN is allowed, as a missing-label marker)")
+                    raise ValueError(
+                        f"{where}: target {tname!r} contains inf (only NaN is allowed, as a missing-label marker)"
+                    )
         for aname, value in s.node_attrs.items():
             if value.ndim < 1 or value.shape[0] != n:
-                raise ValueError(f"{where}: node attribute {aname!r}: expected leading axis {n}, got shape {value.shape}")
+                raise ValueError(
+                    f"{where}: node attribute {aname!r}: expected leading axis {n}, got shape {value.shape}"
+                )
             if not np.all(np.isfinite(value)):
                 raise ValueError(f"{where}: node attribute {aname!r} contains NaN/inf (inputs cannot be missing)")
         for aname, value in s.edge_attrs.items():
@@ -310,7 +325,7 @@ class Dataset:
             np.savez_compressed(handle, **arrays)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, validate: bool = True) -> "Dataset":
+    def load(cls, path: str | os.PathLike, *, validate: bool = True) -> Dataset:
         """Read a file written by :meth:`save`; any fault is a :class:`~aiida_eqml.ml.dataset_file.DatasetError`
         naming file, field and value (the arrays are checked against the metadata before they are allocated)."""
         from aiida_eqml.ml.dataset_file import DatasetError, read_dataset_arrays
@@ -324,12 +339,13 @@ class Dataset:
             raise DatasetError(f"{os.fspath(path)}: {exc}") from exc
 
     @classmethod
-    def _from_arrays(cls, metadata: dict, arrays: dict, validate: bool) -> "Dataset":
+    def _from_arrays(cls, metadata: dict, arrays: dict, validate: bool) -> Dataset:
         n_atoms = arrays["n_atoms"]
         atom_offsets = np.concatenate([[0], np.cumsum(n_atoms)])
         n_samples = len(n_atoms)
         per_sample: list[dict[str, dict]] = [
-            {g: {} for g in ("node_targets", "graph_targets", "edge_targets", "node_attrs", "edge_attrs")} for _ in range(n_samples)
+            {g: {} for g in ("node_targets", "graph_targets", "edge_targets", "node_attrs", "edge_attrs")}
+            for _ in range(n_samples)
         ]
         for group, names in metadata["layout"].items():
             for name in names:
@@ -458,12 +474,16 @@ def build_graphs(dataset: Dataset, model_config: Mapping[str, Any]) -> list:
         node_attrs = {}
         for name, irreps in attr_irreps.items():
             if name not in s.node_attrs:
-                raise ValueError(f"{s.label(index)}: the model needs node attribute {name!r}, the sample has {list(s.node_attrs)}")
+                raise ValueError(
+                    f"{s.label(index)}: the model needs node attribute {name!r}, the sample has {list(s.node_attrs)}"
+                )
             node_attrs[name] = e3nn.IrrepsArray(irreps, s.node_attrs[name].reshape(s.n_atoms, -1))
         edge_attrs = {}
         for name, irreps in edge_attr_irreps.items():
             if name not in s.edge_attrs:
-                raise ValueError(f"{s.label(index)}: the model needs edge attribute {name!r}, the sample has {list(s.edge_attrs)}")
+                raise ValueError(
+                    f"{s.label(index)}: the model needs edge attribute {name!r}, the sample has {list(s.edge_attrs)}"
+                )
             ev = s.edge_attrs[name]
             # reshape to the irreps' width, not -1: a sample without such couples (a DFT+U label in a U+V record)
             # has zero rows, and numpy cannot infer -1 from an empty array
@@ -511,7 +531,10 @@ def _sample_targets(index, sample: Sample, graph, specs, heads) -> dict[str, tup
                 where = match_edges(graph.senders, graph.receivers, graph.shifts, ev.keys)
                 if np.any(where < 0):
                     missing = ev.keys[where < 0][:3].tolist()
-                    raise ValueError(f"{sample.label(index)}: edge target {name!r}: keys {missing} are not edges of the graph (beyond the cutoff?)")
+                    raise ValueError(
+                        f"{sample.label(index)}: edge target {name!r}: keys {missing} are not edges of the graph "
+                        "(beyond the cutoff?)"
+                    )
                 values = ev.values
                 entry_mask = _label_mask(values, values.ndim - 1)
                 array[where] = to_irreps(np.where(np.isfinite(values), values, 0.0))

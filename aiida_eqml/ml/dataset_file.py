@@ -16,11 +16,20 @@ import hashlib
 import json
 import os
 import zipfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-__all__ = ["DatasetError", "GROUPS", "MAX_DATASET_BYTES", "read_dataset_arrays", "arrays_sha256", "dataset_sha256", "dataset_digest"]
+__all__ = [
+    "DatasetError",
+    "GROUPS",
+    "MAX_DATASET_BYTES",
+    "read_dataset_arrays",
+    "arrays_sha256",
+    "dataset_sha256",
+    "dataset_digest",
+]
 
 GROUPS = ("node_targets", "graph_targets", "edge_targets", "node_attrs", "edge_attrs")
 SEP = "::"  # the member-name separator of Dataset.save
@@ -56,11 +65,21 @@ class _Reader:
         if ndim is not None and len(declared) != ndim:
             self.fail(name, f"shape {tuple(declared)} has {len(declared)} axes, expected {ndim}")
         nbytes = int(np.prod(declared, dtype=object)) * dtype.itemsize
-        limit = info.file_size if info.compress_type == zipfile.ZIP_STORED else _DEFLATE_MAX_RATIO * info.compress_size + 4096
+        limit = (
+            info.file_size
+            if info.compress_type == zipfile.ZIP_STORED
+            else _DEFLATE_MAX_RATIO * info.compress_size + 4096
+        )
         if nbytes > min(info.file_size, limit):
-            self.fail(name, f"header declares {nbytes} bytes but the zip entry holds at most {min(info.file_size, limit)}")
+            self.fail(
+                name, f"header declares {nbytes} bytes but the zip entry holds at most {min(info.file_size, limit)}"
+            )
         if nbytes > self.budget:
-            self.fail(name, f"header declares {nbytes} bytes, beyond the remaining limit of {self.budget} bytes (AIIDA_EQML_MAX_DATASET_BYTES)")
+            self.fail(
+                name,
+                f"header declares {nbytes} bytes, beyond the remaining limit of {self.budget} bytes "
+                "(AIIDA_EQML_MAX_DATASET_BYTES)",
+            )
         self.budget -= nbytes
         try:
             with self.archive.open(info) as handle:
@@ -72,7 +91,10 @@ class _Reader:
         try:
             with self.archive.open(info) as handle:
                 version = np.lib.format.read_magic(handle)
-                read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                read_header = {
+                    (1, 0): np.lib.format.read_array_header_1_0,
+                    (2, 0): np.lib.format.read_array_header_2_0,
+                }.get(version)
                 if read_header is None:
                     raise ValueError(f".npy format version {version} (Dataset.save writes 1.0)")
                 shape, fortran, dtype = read_header(handle)
@@ -105,19 +127,32 @@ def _check_metadata(reader: _Reader, metadata: dict) -> None:
     if metadata.get("format") != DATASET_FORMAT:
         reader.fail("metadata.format", f"{metadata.get('format')!r}, expected {DATASET_FORMAT!r}")
     if metadata.get("schema_version") != DATASET_SCHEMA_VERSION:
-        reader.fail("metadata.schema_version", f"dataset schema version {metadata.get('schema_version')!r}; this code reads version {DATASET_SCHEMA_VERSION}")
+        reader.fail(
+            "metadata.schema_version",
+            f"dataset schema version {metadata.get('schema_version')!r}; "
+            f"this code reads version {DATASET_SCHEMA_VERSION}",
+        )
     specs, layout, info = metadata.get("target_specs"), metadata.get("layout"), metadata.get("info")
     if not isinstance(specs, dict) or not all(isinstance(v, dict) for v in specs.values()):
         reader.fail("metadata.target_specs", f"{specs!r} is not an object of objects")
     if not isinstance(layout, dict) or set(layout) != set(GROUPS):
-        reader.fail("metadata.layout", f"groups {sorted(layout) if isinstance(layout, dict) else layout!r}, expected {sorted(GROUPS)}")
+        reader.fail(
+            "metadata.layout",
+            f"groups {sorted(layout) if isinstance(layout, dict) else layout!r}, expected {sorted(GROUPS)}",
+        )
     for group, names in layout.items():
-        if not isinstance(names, list) or not all(isinstance(n, str) and n.isidentifier() for n in names) or len(set(names)) != len(names):
+        if (
+            not isinstance(names, list)
+            or not all(isinstance(n, str) and n.isidentifier() for n in names)
+            or len(set(names)) != len(names)
+        ):
             reader.fail(f"metadata.layout.{group}", f"{names!r} is not a list of distinct identifiers")
         if group.endswith("targets"):
             undeclared = sorted(set(names) - set(specs))
             if undeclared:
-                reader.fail(f"metadata.layout.{group}", f"targets {undeclared} have no entry in target_specs {sorted(specs)}")
+                reader.fail(
+                    f"metadata.layout.{group}", f"targets {undeclared} have no entry in target_specs {sorted(specs)}"
+                )
     if not isinstance(info, list) or not all(isinstance(i, dict) for i in info):
         reader.fail("metadata.info", "not a list of objects (one per sample)")
 
@@ -164,7 +199,10 @@ def _read_group(reader: _Reader, arrays: dict, group: str, name: str, n_atoms: n
     else:  # attributes: any per-entry shape, but one entry per atom / edge
         values = reader.read(values_name, "float", ndim=None)
         if values.shape[:1] != leading:
-            reader.fail(values_name, f"shape {values.shape}, expected leading axis {leading[0]} from the present mask and counts")
+            reader.fail(
+                values_name,
+                f"shape {values.shape}, expected leading axis {leading[0]} from the present mask and counts",
+            )
     arrays[values_name] = values
 
 

@@ -24,10 +24,12 @@ from aiida_eqml.ml.dataset import Dataset
 from aiida_eqml.ml.modelfile import file_sha256, load_model, save_model
 from aiida_eqml.ml.training import TrainResult, train
 
-__all__ = ["ENSEMBLE_FORMAT", "Ensemble", "train_ensemble"]
+__all__ = ["ENSEMBLE_FORMAT", "ENSEMBLE_MANIFEST", "Ensemble", "train_ensemble"]
 
 ENSEMBLE_FORMAT = "aiida-eqml-ensemble"
-_MANIFEST = "ensemble.json"
+#: The manifest of an ensemble directory (members, their sha256, metadata); also read by
+#: :func:`aiida_eqml.ml.predict.load_predictor` and :mod:`aiida_eqml.ml.hubbard.reference`.
+ENSEMBLE_MANIFEST = "ensemble.json"
 
 
 class Ensemble:
@@ -94,7 +96,7 @@ class Ensemble:
             "members": entries,
             "metadata": dict(metadata or {}),
         }
-        manifest_path = os.path.join(directory, _MANIFEST)
+        manifest_path = os.path.join(directory, ENSEMBLE_MANIFEST)
         with open(manifest_path, "w") as handle:
             json.dump(manifest, handle, indent=1, sort_keys=True)
         return manifest_path
@@ -103,7 +105,7 @@ class Ensemble:
     def load(cls, directory: str | os.PathLike):
         """Read ``ensemble.json`` and every member; ValueError if a member file is missing or changed."""
         directory = os.fspath(directory)
-        manifest_path = os.path.join(directory, _MANIFEST)
+        manifest_path = os.path.join(directory, ENSEMBLE_MANIFEST)
         try:
             with open(manifest_path) as handle:
                 manifest = json.load(handle)
@@ -117,7 +119,9 @@ class Ensemble:
             if not os.path.exists(path):
                 raise ValueError(f"{manifest_path}: member file {entry['file']} is missing")
             if file_sha256(path) != entry["sha256"]:
-                raise ValueError(f"{path}: sha256 differs from the one in {_MANIFEST} (file replaced or corrupted)")
+                raise ValueError(
+                    f"{path}: sha256 differs from the one in {ENSEMBLE_MANIFEST} (file replaced or corrupted)"
+                )
             model, params, meta = load_model(path)
             members.append((model, params))
             metadata.append(meta)

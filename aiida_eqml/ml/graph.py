@@ -17,7 +17,8 @@ distinct edges, and an atom sees its own periodic images when they are within th
 from __future__ import annotations
 
 import math
-from typing import Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import e3nn_jax as e3nn
 import jax.numpy as jnp
@@ -376,7 +377,7 @@ class PaddingBuckets:
         self.fixed_shape = fixed_shape
 
     @classmethod
-    def fixed(cls, graphs: Sequence[Graph], batch_size: int) -> "PaddingBuckets":
+    def fixed(cls, graphs: Sequence[Graph], batch_size: int) -> PaddingBuckets:
         nodes = sorted((int(np.sum(g.n_node)) for g in graphs), reverse=True)[:batch_size]
         edges = sorted((int(np.sum(g.n_edge)) for g in graphs), reverse=True)[:batch_size]
         return cls(padding_bucket(sum(nodes), sum(edges), batch_size))

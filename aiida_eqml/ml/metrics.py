@@ -10,7 +10,7 @@ holding all predictions; :func:`summarise` turns sums into MAE / RMSE / relative
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -52,7 +52,13 @@ def summarise(sums: Mapping[str, float]) -> dict[str, float]:
     """MAE, RMSE (per component), relative error and relative RMSE from :func:`tensor_error_sums`."""
     n = sums.get("components", 0.0)
     if n == 0:
-        return {"mae": float("nan"), "rmse": float("nan"), "relative": float("nan"), "relative_rmse": float("nan"), "count": 0}
+        return {
+            "mae": float("nan"),
+            "rmse": float("nan"),
+            "relative": float("nan"),
+            "relative_rmse": float("nan"),
+            "count": 0,
+        }
     return {
         "mae": sums["abs"] / n,
         "rmse": float(np.sqrt(sums["sq"] / n)),

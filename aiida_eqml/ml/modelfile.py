@@ -28,7 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -93,10 +94,18 @@ def _content_sha256_of_blob(config: Mapping[str, Any], params_blob: bytes) -> st
     return digest.hexdigest()
 
 
-def payload_sha256(format_version: int, package_version: str, config_json: str, metadata_json: str, params_blob: bytes) -> str:
+def payload_sha256(
+    format_version: int, package_version: str, config_json: str, metadata_json: str, params_blob: bytes
+) -> str:
     """The one checksum of a version-2 file: every field, length-prefixed (no two payloads share their bytes)."""
     digest = hashlib.sha256(MODEL_FORMAT.encode())
-    for part in (str(format_version).encode(), package_version.encode(), config_json.encode(), metadata_json.encode(), params_blob):
+    for part in (
+        str(format_version).encode(),
+        package_version.encode(),
+        config_json.encode(),
+        metadata_json.encode(),
+        params_blob,
+    ):
         digest.update(len(part).to_bytes(8, "little"))
         digest.update(part)
     return digest.hexdigest()
@@ -111,7 +120,9 @@ def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def save_model(path: str | os.PathLike, config: Mapping[str, Any], params, metadata: Mapping[str, Any] | None = None) -> str:
+def save_model(
+    path: str | os.PathLike, config: Mapping[str, Any], params, metadata: Mapping[str, Any] | None = None
+) -> str:
     """Write the model file atomically; returns its sha256.
 
     ``config`` must be JSON-serialisable (it is the ModelConfig); ``metadata`` too. The head
@@ -169,7 +180,9 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, dict, dict]:
     path = os.fspath(path)
     size = os.path.getsize(path)
     if size > MAX_MODEL_BYTES:
-        raise ModelFileError(f"{path}: {size} bytes, more than the {MAX_MODEL_BYTES} accepted (AIIDA_EQML_MAX_MODEL_BYTES)")
+        raise ModelFileError(
+            f"{path}: {size} bytes, more than the {MAX_MODEL_BYTES} accepted (AIIDA_EQML_MAX_MODEL_BYTES)"
+        )
     with open(path, "rb") as handle:
         data = handle.read()
     if not data.startswith(_MAGIC):
@@ -195,7 +208,8 @@ def _restore_payload(path: str, data: bytes) -> dict:
     version = payload.get("format_version")
     if isinstance(version, bool) or version not in _READABLE_VERSIONS:
         raise ModelFileError(
-            f"{path}: model format version {version!r}, this aiida-eqml ({_package_version()}) reads versions {list(_READABLE_VERSIONS)}"
+            f"{path}: model format version {version!r}, this aiida-eqml ({_package_version()}) "
+            f"reads versions {list(_READABLE_VERSIONS)}"
         )
     return payload
 

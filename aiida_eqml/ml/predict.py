@@ -35,7 +35,8 @@ import collections
 import json
 import os
 import threading
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +66,9 @@ class PredictionError(ValueError):
         self.value = value
 
 
-def ensemble_statistics(predictions: Sequence[Mapping[str, np.ndarray]], always_std: bool = False) -> dict[str, np.ndarray]:
+def ensemble_statistics(
+    predictions: Sequence[Mapping[str, np.ndarray]], always_std: bool = False
+) -> dict[str, np.ndarray]:
     """Mean of each array over the members, ``<name>_std`` the population standard deviation; ``*_keys`` unchanged.
 
     With one member there is no ``_std`` unless ``always_std`` (then zeros).
@@ -228,7 +231,7 @@ class Predictor:
         self.batch_size = int(batch_size)
         reference = self.models[0]
         signature = lambda model: {n: (h.level, str(h.irreps)) for n, h in model.heads.items()}  # noqa: E731
-        for name, model, meta in zip(self.names, self.models, self.metadata):
+        for name, model in zip(self.names, self.models):
             if signature(model) != signature(reference):
                 raise PredictionError(
                     f"ensemble members predict different heads: {name} {signature(model)} vs {self.names[0]} "
@@ -239,14 +242,15 @@ class Predictor:
             key = json.dumps([model.config, meta.get("hubbard")], sort_keys=True)
             grouped.setdefault(key, []).append(k)
         self._groups = [
-            _Group(idx, self.models[idx[0]], [members[k][1] for k in idx], self.metadata[idx[0]]) for idx in grouped.values()
+            _Group(idx, self.models[idx[0]], [members[k][1] for k in idx], self.metadata[idx[0]])
+            for idx in grouped.values()
         ]
         self.heads = dict(reference.heads)
         self.target_specs = dict(self.metadata[0].get("target_specs") or {})
         self.energy_head = reference.energy_head
 
     @classmethod
-    def from_model(cls, model, params, metadata: Mapping | None = None, **kwargs) -> "Predictor":
+    def from_model(cls, model, params, metadata: Mapping | None = None, **kwargs) -> Predictor:
         return cls([(model, params, dict(metadata or {}))], **kwargs)
 
     def __len__(self) -> int:
@@ -313,7 +317,9 @@ class Predictor:
                     f"needs [{len(keys)}, {dim}] finite values ({irreps})", f"edge_attrs.{name}", values.shape)
             edges[name] = (keys, e3nn.IrrepsArray(irreps, values.reshape(len(keys), dim)))
         try:
-            return graph_from_atoms(atoms, float(group.config["cutoff"]), group.species, node_attrs=nodes, edge_attrs=edges)
+            return graph_from_atoms(
+                atoms, float(group.config["cutoff"]), group.species, node_attrs=nodes, edge_attrs=edges
+            )
         except ValueError as exc:
             field = next((f"edge_attrs.{k}" for k in edges if repr(k) in str(exc)), "structure")
             raise PredictionError(f"{where}{exc}", field) from exc
@@ -383,8 +389,16 @@ class Predictor:
     def _items(self, structures, node_attrs, edge_attrs) -> list[tuple]:
         single = not isinstance(structures, (list, tuple))
         structures = [structures] if single else list(structures)
-        node_attrs = [node_attrs] * len(structures) if single or isinstance(node_attrs, Mapping) or node_attrs is None else node_attrs
-        edge_attrs = [edge_attrs] * len(structures) if single or isinstance(edge_attrs, Mapping) or edge_attrs is None else edge_attrs
+        node_attrs = (
+            [node_attrs] * len(structures)
+            if single or isinstance(node_attrs, Mapping) or node_attrs is None
+            else node_attrs
+        )
+        edge_attrs = (
+            [edge_attrs] * len(structures)
+            if single or isinstance(edge_attrs, Mapping) or edge_attrs is None
+            else edge_attrs
+        )
         where = (lambda i: "") if single else (lambda i: f"structure {i}: ")
         return [(a, na, ea, where(i)) for i, (a, na, ea) in enumerate(zip(structures, node_attrs, edge_attrs))]
 
@@ -436,16 +450,18 @@ def _model_files(source) -> tuple[list[str], list[str] | None]:
     """Model files of ``source`` and, for an ensemble directory, the sha256 its manifest records."""
     if isinstance(source, (list, tuple)):
         return [os.fspath(p) for p in source], None
+    from aiida_eqml.ml.ensemble import ENSEMBLE_MANIFEST
+
     source = os.fspath(source)
     if os.path.isdir(source):
-        manifest = os.path.join(source, "ensemble.json")
+        manifest = os.path.join(source, ENSEMBLE_MANIFEST)
         if os.path.exists(manifest):
             with open(manifest) as handle:
                 entries = json.load(handle).get("members") or []
             return [os.path.join(source, e["file"]) for e in entries], [e["sha256"] for e in entries]
         files = sorted(os.path.join(source, f) for f in os.listdir(source) if f.endswith(".eqml"))
         if not files:
-            raise FileNotFoundError(f"{source}: no ensemble.json and no .eqml model file in this directory")
+            raise FileNotFoundError(f"{source}: no {ENSEMBLE_MANIFEST} and no .eqml model file in this directory")
         return files, None
     if not os.path.exists(source):
         raise FileNotFoundError(f"{source}: no such model file or directory")
@@ -456,13 +472,14 @@ def load_predictor(source, *, cache: bool = False, **kwargs) -> Predictor:
     """A :class:`Predictor` from a model file, a list of files, an ensemble directory (``Ensemble.save``: every
     member is checked against the sha256 in ``ensemble.json``) or a directory of ``.eqml`` files.
     ``cache=True``: through :func:`cached_predictor`, keyed by the files' sha256."""
+    from aiida_eqml.ml.ensemble import ENSEMBLE_MANIFEST
     from aiida_eqml.ml.modelfile import file_sha256, load_model
 
     files, expected = _model_files(source)
     shas = [file_sha256(f) for f in files]
     for path, sha, want in zip(files, shas, expected or shas):
         if sha != want:
-            raise ValueError(f"{path}: sha256 differs from the one in ensemble.json (file replaced or corrupted)")
+            raise ValueError(f"{path}: sha256 differs from the one in {ENSEMBLE_MANIFEST} (file replaced or corrupted)")
 
     def load() -> Predictor:
         return Predictor([load_model(f) for f in files], names=[os.path.basename(f) for f in files], **kwargs)

@@ -69,8 +69,9 @@ def _check_periodic_vectors(cell: np.ndarray, pbc: np.ndarray, min_distance: flo
         height = volume / face if face > 0 else 0.0
         if height < min_distance:
             raise StructureError(
-                f"the periodic cell vectors {periodic} (pbc {pbc.tolist()}) are degenerate (zero, parallel or coplanar): "
-                f"cell {cell.tolist()}, height along vector {k} {height:.3g} A < {min_distance} A"
+                f"the periodic cell vectors {periodic} (pbc {pbc.tolist()}) are degenerate "
+                f"(zero, parallel or coplanar): cell {cell.tolist()}, height along vector {k} {height:.3g} A "
+                f"< {min_distance} A"
             )
 
 
@@ -131,7 +132,8 @@ def validate_atoms(atoms, **kwargs) -> None:
 
 
 def check_min_distance(lengths, senders, receivers, min_distance: float = MIN_INTERATOMIC_DISTANCE) -> None:
-    """Raise :class:`StructureError` if an edge (pair within the cutoff, images included) is shorter than ``min_distance``."""
+    """Raise :class:`StructureError` if an edge (pair within the cutoff, images included) is shorter than
+    ``min_distance``."""
     lengths = np.asarray(lengths, dtype=np.float64)
     if lengths.size == 0:
         return

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import xml.etree.ElementTree as ElementTree
-from typing import IO, Union
+from typing import IO
 
 import numpy as np
 
@@ -58,7 +58,7 @@ HARTREE_TO_EV = 27.211386245988  # CODATA 2018, what QE 7.2 uses (constants.f90)
 RY_TO_EV = HARTREE_TO_EV / 2.0
 _ORBITAL_L = {"s": 0, "p": 1, "d": 2, "f": 3}
 
-TextSource = Union[str, bytes, IO]
+TextSource = str | bytes | IO
 
 
 class OccupationParsingError(ValueError):
@@ -179,7 +179,9 @@ def parse_onsite_occupations_xml(source: TextSource) -> OnsiteOccupations:
     kind_element = dftu.find("lda_plus_u_kind")
     lda_plus_u_kind = int(kind_element.text) if kind_element is not None else 0
     if lda_plus_u_kind not in (0, 2):
-        raise UnsupportedOutputError(f"lda_plus_u_kind={lda_plus_u_kind} (Liechtenstein) is not supported; only 0 (U) and 2 (U+V)")
+        raise UnsupportedOutputError(
+            f"lda_plus_u_kind={lda_plus_u_kind} (Liechtenstein) is not supported; only 0 (U) and 2 (U+V)"
+        )
 
     elements = dftu.findall("Hubbard_ns")
     if not elements:
@@ -194,7 +196,9 @@ def parse_onsite_occupations_xml(source: TextSource) -> OnsiteOccupations:
         dims = [int(x) for x in element.get("dims").split()]
         values = np.array(element.text.split(), dtype=np.float64)
         if values.size != int(np.prod(dims)):
-            raise OccupationParsingError(f"Hubbard_ns index={index + 1} spin={spin}: {values.size} numbers for dims {dims}")
+            raise OccupationParsingError(
+                f"Hubbard_ns index={index + 1} spin={spin}: {values.size} numbers for dims {dims}"
+            )
         matrix = values.reshape(dims, order=element.get("order", "F"))
         width = 2 * l + 1
         if any(d < width for d in dims):
@@ -248,9 +252,16 @@ def parse_occup_txt(source: TextSource, shape: tuple[int, ...]) -> np.ndarray:
         raise OccupationParsingError(
             "occup.txt is not a list of complex numbers '(re,im)' as written for DFT+U+V (lda_plus_u_kind=2)"
         )
-    values = np.array([complex(float(re_.replace("D", "E").replace("d", "e")), float(im.replace("D", "E").replace("d", "e"))) for re_, im in pairs])
+    values = np.array(
+        [
+            complex(float(re_.replace("D", "E").replace("d", "e")), float(im.replace("D", "E").replace("d", "e")))
+            for re_, im in pairs
+        ]
+    )
     if values.size != int(np.prod(shape)):
-        raise OccupationParsingError(f"occup.txt holds {values.size} complex numbers, expected {int(np.prod(shape))} for shape {shape}")
+        raise OccupationParsingError(
+            f"occup.txt holds {values.size} complex numbers, expected {int(np.prod(shape))} for shape {shape}"
+        )
     return values.reshape(shape, order="F")
 
 
@@ -263,7 +274,9 @@ def parse_hubbard_neighbours(source: TextSource) -> list[NeighbourEntry]:
     text = _read_text(source)
     headers = list(_NEIGHBOUR_HEADER.finditer(text))
     if not headers:
-        raise OccupationParsingError("no 'i j dist (Bohr) ... stan-stan' neighbour table in the pw.x output (not a DFT+U+V run?)")
+        raise OccupationParsingError(
+            "no 'i j dist (Bohr) ... stan-stan' neighbour table in the pw.x output (not a DFT+U+V run?)"
+        )
     entries = []
     for line in text[headers[-1].end():].splitlines()[1:]:
         match = _NEIGHBOUR_ROW.match(line)
@@ -315,7 +328,9 @@ def intersite_blocks(
     blocks = []
     for i, entries in sorted(by_atom.items()):
         if len(entries) > max_neighbours:
-            raise OccupationParsingError(f"atom {i + 1} has {len(entries)} neighbours in the table, occup.txt room for {max_neighbours}")
+            raise OccupationParsingError(
+                f"atom {i + 1} has {len(entries)} neighbours in the table, occup.txt room for {max_neighbours}"
+            )
         for viz, entry in enumerate(entries):
             j, cell = (entry.supercell_atom - 1) % nat, (entry.supercell_atom - 1) // nat
             if cell >= len(translations):
@@ -330,13 +345,20 @@ def intersite_blocks(
             block = nsg[: 2 * lj + 1, : 2 * li + 1, viz, i, :].real
             blocks.append(
                 IntersiteBlock(
-                    i, j, translations[cell], entry.distance_bohr, entry.hubbard_v_ev[0], np.transpose(block, (2, 1, 0)).copy()
+                    i,
+                    j,
+                    translations[cell],
+                    entry.distance_bohr,
+                    entry.hubbard_v_ev[0],
+                    np.transpose(block, (2, 1, 0)).copy(),
                 )
             )
     return blocks
 
 
-def onsite_from_nsg(nsg: np.ndarray, neighbours: list[NeighbourEntry], manifolds: list[HubbardManifold]) -> dict[int, np.ndarray]:
+def onsite_from_nsg(
+    nsg: np.ndarray, neighbours: list[NeighbourEntry], manifolds: list[HubbardManifold]
+) -> dict[int, np.ndarray]:
     """The on-site blocks of ``nsg`` (``viz`` with J = I), ``[nspin, 2l+1, 2l+1]`` per atom."""
     out = {}
     l_of = {m.atom_index: m.l for m in manifolds}
@@ -345,7 +367,9 @@ def onsite_from_nsg(nsg: np.ndarray, neighbours: list[NeighbourEntry], manifolds
         viz_of.setdefault(entry.atom - 1, 0)
         if entry.supercell_atom == entry.atom and entry.atom - 1 in l_of:  # atoms without a manifold have no block
             width = 2 * l_of[entry.atom - 1] + 1
-            out[entry.atom - 1] = np.transpose(nsg[:width, :width, viz_of[entry.atom - 1], entry.atom - 1, :].real, (2, 1, 0))
+            out[entry.atom - 1] = np.transpose(
+                nsg[:width, :width, viz_of[entry.atom - 1], entry.atom - 1, :].real, (2, 1, 0)
+            )
         viz_of[entry.atom - 1] += 1
     return out
 
@@ -356,7 +380,9 @@ def nsg_shape(text: str, manifolds: list[HubbardManifold], nat: int, nspin: int)
     count = len(_COMPLEX.findall(text))
     per_neighbour = ldim * ldim * nat * nspin
     if count == 0 or count % per_neighbour:
-        raise OccupationParsingError(f"occup.txt holds {count} complex numbers, not a multiple of ldim^2*nat*nspin={per_neighbour}")
+        raise OccupationParsingError(
+            f"occup.txt holds {count} complex numbers, not a multiple of ldim^2*nat*nspin={per_neighbour}"
+        )
     return (ldim, ldim, count // per_neighbour, nat, nspin)
 
 
@@ -425,7 +451,10 @@ def build_occupations_node(retrieved, structure):
         raise OccupationParsingError(f"the output's atoms {onsite.atom_names} are not the structure's kinds {kinds}")
     for manifold in onsite.manifolds:
         if kinds[manifold.atom_index] != manifold.kind_name:
-            raise OccupationParsingError(f"Hubbard_ns index {manifold.atom_index + 1} is {manifold.kind_name}, the structure has {kinds[manifold.atom_index]}")
+            raise OccupationParsingError(
+                f"Hubbard_ns index {manifold.atom_index + 1} is {manifold.kind_name}, "
+                f"the structure has {kinds[manifold.atom_index]}"
+            )
     nat = len(sites)
 
     intersite = []
@@ -443,12 +472,15 @@ def build_occupations_node(retrieved, structure):
         nsg = parse_occup_txt(occup_text, nsg_shape(occup_text, onsite.manifolds, nat, onsite.nspin))
         for atom, block in onsite_from_nsg(nsg, neighbours, onsite.manifolds).items():
             if not np.allclose(block, onsite.matrices[atom], atol=1e-6):
-                raise OccupationParsingError(f"on-site block of atom {atom + 1} differs between {OCCUP_FILENAME} and {XML_FILENAME}")
+                raise OccupationParsingError(
+                    f"on-site block of atom {atom + 1} differs between {OCCUP_FILENAME} and {XML_FILENAME}"
+                )
         for block in intersite_blocks(nsg, neighbours, onsite.manifolds, nat):
             distance = _pair_distance(structure, block.i, block.j, block.translation)
             if abs(distance - block.distance_bohr * BOHR_TO_ANGSTROM) > 1e-4:
                 raise OccupationParsingError(
-                    f"couple ({block.i}, {block.j}, {block.translation}): QE distance {block.distance_bohr * BOHR_TO_ANGSTROM:.5f} A, "
+                    f"couple ({block.i}, {block.j}, {block.translation}): "
+                    f"QE distance {block.distance_bohr * BOHR_TO_ANGSTROM:.5f} A, "
                     f"structure {distance:.5f} A: the output does not belong to this structure"
                 )
             supercell_j = block.j + qe_supercell_translations().index(block.translation) * nat
@@ -483,7 +515,9 @@ def _check_against_parameters(node, structure) -> None:
             if i not in onsite_u:
                 raise OccupationParsingError(f"structure has U on atom {i} but the output has no on-site block for it")
             if abs(onsite_u[i] - parameter.value) > 1e-4:
-                raise OccupationParsingError(f"structure has U={parameter.value} eV on atom {i}, the run used {onsite_u[i]:.6f} eV")
+                raise OccupationParsingError(
+                    f"structure has U={parameter.value} eV on atom {i}, the run used {onsite_u[i]:.6f} eV"
+                )
             continue
         key = (i, j, *translation)
         if key not in keys:

@@ -83,10 +83,14 @@ class EqmlTrainParser(Parser):
             exit_code = STATUS_EXIT_CODES.get(status, 'ERROR_TRAINING_FAILED')
             message = str(metrics.get('message') or self._tail_of_stderr(names))
             # Keep the report short: train_cli puts the traceback in the message of unexpected errors.
-            return self.exit_codes[exit_code].format(message=message.strip().splitlines()[-1] if message.strip() else status)
+            return self.exit_codes[exit_code].format(
+                message=message.strip().splitlines()[-1] if message.strip() else status
+            )
 
         if rundir.MODEL not in names:
-            return self.exit_codes.ERROR_CORRUPT_MODEL_OUTPUT.format(message='metrics.json says completed but model.eqml is missing')
+            return self.exit_codes.ERROR_CORRUPT_MODEL_OUTPUT.format(
+                message='metrics.json says completed but model.eqml is missing'
+            )
         with tempfile.TemporaryDirectory(prefix='eqml-parse-') as scratch:
             path = os.path.join(scratch, rundir.MODEL)
             with open(path, 'wb') as handle:
@@ -119,9 +123,15 @@ class EqmlTrainParser(Parser):
     def _tail_of_stderr(self, names: set[str]) -> str:
         parts = []
         if EXIT_STATUS_FILENAME in names:
-            parts.append(f'exit status {self.retrieved.base.repository.get_object_content(EXIT_STATUS_FILENAME).strip()}')
+            parts.append(
+                f'exit status {self.retrieved.base.repository.get_object_content(EXIT_STATUS_FILENAME).strip()}'
+            )
         if rundir.STDERR in names:
-            lines = [line for line in self.retrieved.base.repository.get_object_content(rundir.STDERR).splitlines() if line.strip()]
+            lines = [
+                line
+                for line in self.retrieved.base.repository.get_object_content(rundir.STDERR).splitlines()
+                if line.strip()
+            ]
             if lines:
                 parts.append(lines[-1])
         return '; '.join(parts) or 'no stderr'

@@ -11,7 +11,8 @@ and handles its failures:
 
 ``EqmlEnsembleTrainWorkChain`` runs one ``EqmlTrainWorkChain`` per seed (the config's ``seed`` drives both the
 weight initialisation and the shuffling; a fractional split is fixed once with the config's seed and given to every
-member as explicit indices, so that the members' spread measures the model uncertainty, not the choice of test set) and returns the models in ``models.seed_<n>``.
+member as explicit indices, so that the members' spread measures the model uncertainty, not the choice of test set)
+and returns the models in ``models.seed_<n>``.
 """
 from __future__ import annotations
 
@@ -55,7 +56,11 @@ class EqmlTrainWorkChain(BaseRestartWorkChain):
         )
         spec.expose_outputs(EqmlTrainCalculation)
         spec.exit_code(310, 'ERROR_INVALID_INPUTS', message='The inputs cannot train a model: {message}')
-        spec.exit_code(311, 'ERROR_UNSTABLE_TRAINING', message='Training stays unstable and halving the learning rate cannot help: {message}')
+        spec.exit_code(
+            311,
+            'ERROR_UNSTABLE_TRAINING',
+            message='Training stays unstable and halving the learning rate cannot help: {message}',
+        )
 
     def setup(self):
         super().setup()
@@ -84,7 +89,9 @@ class EqmlTrainWorkChain(BaseRestartWorkChain):
             self.ctx.inputs.restart_checkpoint = node.outputs.checkpoint
             self.report(f'{node.process_label}<{node.pk}> stopped ({node.exit_status}); resuming from its checkpoint')
         else:
-            self.report(f'{node.process_label}<{node.pk}> stopped ({node.exit_status}) before its first checkpoint; rerunning')
+            self.report(
+                f'{node.process_label}<{node.pk}> stopped ({node.exit_status}) before its first checkpoint; rerunning'
+            )
         return ProcessHandlerReport(do_break=True)
 
     @process_handler(
@@ -105,21 +112,27 @@ class EqmlTrainWorkChain(BaseRestartWorkChain):
         old = _as_float(optimizer.get('learning_rate', DEFAULT_TRAINING_CONFIG['optimizer']['learning_rate']))
         if not (math.isfinite(old) and old / 2 >= MIN_LEARNING_RATE):
             message = (
-                f'{node.process_label}<{node.pk}>: {node.exit_message}; learning rate {old!r} cannot be halved usefully '
-                f'(not finite, or half of it below {MIN_LEARNING_RATE:g})'
+                f'{node.process_label}<{node.pk}>: {node.exit_message}; learning rate {old!r} cannot be halved '
+                f'usefully (not finite, or half of it below {MIN_LEARNING_RATE:g})'
             )
             self.report(message)
-            return ProcessHandlerReport(do_break=True, exit_code=self.exit_codes.ERROR_UNSTABLE_TRAINING.format(message=message))
+            return ProcessHandlerReport(
+                do_break=True, exit_code=self.exit_codes.ERROR_UNSTABLE_TRAINING.format(message=message)
+            )
         optimizer['learning_rate'] = old / 2
         self.ctx.inputs.config = orm.Dict(config)
         self.ctx.inputs.pop('restart_checkpoint', None)
-        self.report(f'{node.process_label}<{node.pk}>: {node.exit_message}; restarting with learning rate {old / 2:.3g}')
+        self.report(
+            f'{node.process_label}<{node.pk}>: {node.exit_message}; restarting with learning rate {old / 2:.3g}'
+        )
         return ProcessHandlerReport(do_break=True)
 
     @process_handler(priority=400, exit_codes=[EqmlTrainCalculation.exit_codes.ERROR_INVALID_INPUT])
     def handle_invalid_input(self, node):
         """Nothing to retry: the training process rejected the inputs."""
-        return ProcessHandlerReport(do_break=True, exit_code=self.exit_codes.ERROR_INVALID_INPUTS.format(message=node.exit_message))
+        return ProcessHandlerReport(
+            do_break=True, exit_code=self.exit_codes.ERROR_INVALID_INPUTS.format(message=node.exit_message)
+        )
 
 
 def shared_split_config(config: dict, datasets) -> dict:
@@ -134,7 +147,10 @@ def shared_split_config(config: dict, datasets) -> dict:
     if 'train' in split:
         return dict(config)
     n_samples = sum(datasets[key].n_samples for key in sorted(datasets))
-    return {**config, 'split': split_indices(n_samples, split, int(config.get('seed', DEFAULT_TRAINING_CONFIG['seed'])))}
+    return {
+        **config,
+        'split': split_indices(n_samples, split, int(config.get('seed', DEFAULT_TRAINING_CONFIG['seed']))),
+    }
 
 
 def validate_ensemble(inputs, _):
@@ -187,7 +203,9 @@ class EqmlEnsembleTrainWorkChain(WorkChain):
         for seed in self.seeds():
             node = self.ctx[f'seed_{seed}']
             if not node.is_finished_ok:
-                failed.append(f'seed {seed}: {node.process_label}<{node.pk}> exit {node.exit_status} {node.exit_message}')
+                failed.append(
+                    f'seed {seed}: {node.process_label}<{node.pk}> exit {node.exit_status} {node.exit_message}'
+                )
                 continue
             self.out(f'models.seed_{seed}', node.outputs.model)
             self.out(f'metrics.seed_{seed}', node.outputs.metrics)

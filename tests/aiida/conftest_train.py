@@ -121,7 +121,9 @@ def tiny_dataset(n_structures=4, n_atoms=4, seed=0, targets=('born_charges', 'di
         born, eps = environment_tensors(numbers, positions, cell)
         node = {'born_charges': born} if 'born_charges' in targets else {}
         graph = {'dielectric': eps} if 'dielectric' in targets else {}
-        samples.append(Sample(numbers, positions, cell, True, node_targets=node, graph_targets=graph, info={'name': f't{k}'}))
+        samples.append(
+            Sample(numbers, positions, cell, True, node_targets=node, graph_targets=graph, info={'name': f't{k}'})
+        )
     return Dataset(samples, {name: spec for name, spec in TINY_SPECS.items() if name in targets})
 
 
@@ -178,10 +180,14 @@ def run_daemon_scenario(root, interrupt: bool, epochs: int = 20, timeout: int = 
     # `verdi` (which the daemon client launches) lives beside this interpreter, also when the venv is not activated.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get('PATH', '')])
     env = dict(os.environ, AIIDA_PATH=root, JAX_PLATFORMS='cpu', PATH=path)
-    script = DAEMON_SCENARIO_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), root=root, interrupt=interrupt, epochs=epochs)
+    script = DAEMON_SCENARIO_SCRIPT.format(
+        tests=os.path.dirname(os.path.abspath(__file__)), root=root, interrupt=interrupt, epochs=epochs
+    )
     proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or 'RESULT' not in proc.stdout:
-        raise AssertionError(f'daemon scenario failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}')
+        raise AssertionError(
+            f'daemon scenario failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}'
+        )
     return json.loads(proc.stdout.split('RESULT')[-1])
 
 
@@ -343,8 +349,8 @@ def random_model_file(path, seed: int = 0, model_config: dict | None = None, met
     import jax
 
     from aiida_eqml.ml.dataset import make_batches
-    from aiida_eqml.ml.models import build_model
     from aiida_eqml.ml.modelfile import save_model
+    from aiida_eqml.ml.models import build_model
 
     model = build_model(model_config or {**TINY_MODEL, 'species': ['O', 'Ti']})
     dataset = tiny_dataset(2)

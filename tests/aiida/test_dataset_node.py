@@ -62,7 +62,11 @@ def test_store_attributes_and_round_trip(aiida_profile, eqml_entry_points):
     assert loaded.n_samples == 3
     assert loaded.n_atoms == 6
     assert loaded.target_names == ['born_charges', 'dielectric', 'hubbard_v']
-    assert loaded.base.attributes.get('target_levels') == {'born_charges': 'node', 'dielectric': 'graph', 'hubbard_v': 'edge'}
+    assert loaded.base.attributes.get('target_levels') == {
+        'born_charges': 'node',
+        'dielectric': 'graph',
+        'hubbard_v': 'edge',
+    }
     assert loaded.target_specs == SPECS
     assert loaded.species == ['O', 'Mg']  # sorted by atomic number
     assert len(loaded.sha256) == 64
@@ -73,8 +77,12 @@ def test_store_attributes_and_round_trip(aiida_profile, eqml_entry_points):
     for before, after in zip(dataset.samples, back.samples):
         np.testing.assert_array_equal(before.numbers, after.numbers)
         np.testing.assert_allclose(before.positions, after.positions, rtol=0, atol=0)
-        np.testing.assert_allclose(before.node_targets['born_charges'], after.node_targets['born_charges'], rtol=0, atol=0)
-        np.testing.assert_allclose(before.graph_targets['dielectric'], after.graph_targets['dielectric'], rtol=0, atol=0)
+        np.testing.assert_allclose(
+            before.node_targets['born_charges'], after.node_targets['born_charges'], rtol=0, atol=0
+        )
+        np.testing.assert_allclose(
+            before.graph_targets['dielectric'], after.graph_targets['dielectric'], rtol=0, atol=0
+        )
         np.testing.assert_array_equal(before.edge_targets['hubbard_v'].keys, after.edge_targets['hubbard_v'].keys)
         assert after.info['name'] == before.info['name']
 
@@ -87,7 +95,11 @@ def test_attributes_are_queryable(aiida_profile, eqml_entry_points):
     node = EqmlDatasetData(make_dataset(seed=11, n_samples=5)).store()
     query = orm.QueryBuilder().append(
         EqmlDatasetData,
-        filters={'attributes.n_samples': 5, 'attributes.sha256': node.sha256, 'attributes.target_levels.hubbard_v': 'edge'},
+        filters={
+            'attributes.n_samples': 5,
+            'attributes.sha256': node.sha256,
+            'attributes.target_levels.hubbard_v': 'edge',
+        },
         project='id',
     )
     assert query.all(flat=True) == [node.pk]
@@ -127,7 +139,9 @@ def test_export_extxyz(aiida_profile, eqml_entry_points, tmp_path):
         np.testing.assert_allclose(
             frame.arrays['born_charges'].reshape(2, 3, 3), sample.node_targets['born_charges'], atol=1e-6
         )
-        np.testing.assert_allclose(np.asarray(frame.info['dielectric']).reshape(3, 3), sample.graph_targets['dielectric'], atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(frame.info['dielectric']).reshape(3, 3), sample.graph_targets['dielectric'], atol=1e-6
+        )
 
 
 def test_bad_inputs_are_rejected(aiida_profile, tmp_path):

@@ -37,7 +37,9 @@ def invoke(*args):
     from aiida_eqml.cli.verdi_data import data_eqml
 
     with _CAPTURE['fd'].disabled():
-        return CliRunner().invoke(data_eqml, ['model', 'import-reference', *[str(a) for a in args]], catch_exceptions=False)
+        return CliRunner().invoke(
+            data_eqml, ['model', 'import-reference', *[str(a) for a in args]], catch_exceptions=False
+        )
 
 
 @pytest.fixture
@@ -77,7 +79,11 @@ def test_import_reference_stores_the_members_once(aiida_profile, reference_dir):
         assert isinstance(node, EqmlModelData)
         assert node.sha256 == file_sha256(reference_dir / f'member_{k:02d}.eqml')
         extra = node.base.extras.get('eqml_reference')
-        assert extra['name'] == 'hubbard-tmo' and extra['member'] == k and extra['protocol_name'] == 'eqml-hubbard-reference-v1'
+        assert (
+            extra['name'] == 'hubbard-tmo'
+            and extra['member'] == k
+            and extra['protocol_name'] == 'eqml-hubbard-reference-v1'
+        )
         assert extra['training_materials'] == ['NiO-rocksalt-afm2'] and extra['errors'] == {'mare_u': 0.1}
     again = invoke('hubbard-tmo')
     assert [int(pk) for pk in re.search(r'eqml.model nodes ([\d ]+)', again.output).group(1).split()] == pks
@@ -113,9 +119,14 @@ def test_the_shipped_campaign_archive_holds_every_exported_cell():
         pytest.skip('no campaign archive shipped')
     campaign = Path(__file__).resolve().parents[2] / 'benchmarks' / 'data' / 'hubbard_campaign'
     with get_format().open(archive, 'r') as reader:
-        labels = reader.querybuilder().append(
-            orm.WorkChainNode, filters={'attributes.process_label': 'HubbardLabelsWorkChain'}, project='uuid').all(flat=True)
-        n_hp = reader.querybuilder().append(orm.CalcJobNode, filters={'attributes.process_label': 'HpCalculation'}).count()
+        labels = (
+            reader.querybuilder()
+            .append(orm.WorkChainNode, filters={'attributes.process_label': 'HubbardLabelsWorkChain'}, project='uuid')
+            .all(flat=True)
+        )
+        n_hp = (
+            reader.querybuilder().append(orm.CalcJobNode, filters={'attributes.process_label': 'HpCalculation'}).count()
+        )
     archived = set(labels)
     # the cells exported when the archive was made are in it (cells labelled later wait for the next archive)
     exported = [json.loads(p.read_text()) for p in sorted(campaign.glob('*.json'))]

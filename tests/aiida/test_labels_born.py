@@ -103,7 +103,6 @@ def test_born_labels_real_run(aiida_profile, qe_codes, pseudo_family, eqml_entry
 
 def test_born_bad_inputs(aiida_profile, qe_codes, pseudo_family, eqml_entry_points):
     """Rejected in `setup`, before any QE runs: smeared occupations, phonons requested, no structures."""
-    from aiida import orm
     from aiida.engine import run_get_node
 
     overrides = {'scf': {'kpoints_distance': 1.3, 'pw': {'parameters': {'SYSTEM': {'occupations': 'smearing'}}}}}
@@ -113,7 +112,9 @@ def test_born_bad_inputs(aiida_profile, qe_codes, pseudo_family, eqml_entry_poin
     assert "occupations='fixed'" in node.exit_message and "'smearing'" in node.exit_message
     assert results == {} and not node.called
 
-    builder = builder_for(qe_codes, [rattled_mgo()], overrides={'ph': {'ph': {'parameters': {'INPUTPH': {'trans': True}}}}})
+    builder = builder_for(
+        qe_codes, [rattled_mgo()], overrides={'ph': {'ph': {'parameters': {'INPUTPH': {'trans': True}}}}}
+    )
     results, node = run_get_node(builder)
     assert node.exit_status == 302 and 'trans=.false.' in node.exit_message
     assert results == {} and not node.called

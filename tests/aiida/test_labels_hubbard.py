@@ -197,7 +197,9 @@ def test_harvest_u_only_magnetic_from_real_output(aiida_profile, eqml_entry_poin
         hp_out.append_hubbard_parameter(atom, '3d', atom, '3d', 5.9633, (0, 0, 0), 'Ueff')
     hp_out.store()
 
-    dataset_node = harvest_hubbard_labels(nio_u_structure=structure, nio_u_occupations=extracted['occupations'], nio_u_hubbard=hp_out)
+    dataset_node = harvest_hubbard_labels(
+        nio_u_structure=structure, nio_u_occupations=extracted['occupations'], nio_u_hubbard=hp_out
+    )
     assert dataset_node.target_names == ['hubbard_u']
     sample = dataset_node.get_dataset().samples[0]
     u = sample.node_targets['hubbard_u'][:, 0]

@@ -45,7 +45,6 @@ def untrained_models(aiida_profile, tmp_path_factory):
 
     ensure_entry_points()
     from test_occupations import nio_structure, retrieved_folder
-
     from test_predict import hubbard_model_node
 
     from aiida_eqml.calculations.functions.occupations import extract_occupations

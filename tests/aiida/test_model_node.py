@@ -12,12 +12,11 @@ from conftest_train import TINY_MODEL, ensure_entry_points
 def model_file(tmp_path_factory):
     """A real model file (random weights, no training needed) with metrics in its metadata."""
     import jax
+    from conftest_train import tiny_dataset
 
     from aiida_eqml.ml.dataset import make_batches
-    from aiida_eqml.ml.models import build_model
     from aiida_eqml.ml.modelfile import save_model
-
-    from conftest_train import tiny_dataset
+    from aiida_eqml.ml.models import build_model
 
     config = {**TINY_MODEL, 'species': ['O', 'Ti']}
     model = build_model(config)
@@ -108,5 +107,7 @@ def test_species_check_names_the_unknown_element(aiida_profile, model_file):
 
     node = EqmlModelData(filepath=model_file[0])
     node.check_species(['Ti', 'O', 'O'])
-    with pytest.raises(ValueError, match=r"trained on species \['O', 'Ti'\]; it cannot predict for element\(s\) \['Ba'\]"):
+    with pytest.raises(
+        ValueError, match=r"trained on species \['O', 'Ti'\]; it cannot predict for element\(s\) \['Ba'\]"
+    ):
         node.check_species(['Ba', 'Ti', 'O'])

@@ -208,7 +208,9 @@ def test_extract_occupations_u(aiida_profile, occupations_entry_point):
     np.testing.assert_allclose(occupations.get_array("onsite_hubbard_u"), [5.0, 5.0, 1.0, 1.0], atol=1e-9)
     assert occupations.get_onsite(0).shape == (2, 5, 5) and occupations.get_onsite(3).shape == (2, 3, 3)
     printed = parse_printed_traces(read("nio_u", "aiida.out"))
-    np.testing.assert_allclose(occupations.base.attributes.get("onsite_traces"), [printed[a][:2] for a in (1, 2, 3, 4)], atol=6e-6)
+    np.testing.assert_allclose(
+        occupations.base.attributes.get("onsite_traces"), [printed[a][:2] for a in (1, 2, 3, 4)], atol=6e-6
+    )
     assert occupations.base.attributes.get("num_intersite") == 0
     found = orm.QueryBuilder().append(
         orm.Data, filters={"id": occupations.pk, "attributes.hubbard_type": "U", "attributes.qe_version": "7.2"}
@@ -252,7 +254,9 @@ def test_extract_any_equivalent_image(aiida_profile, occupations_entry_point):
     intersite = [p for p in structure.hubbard.parameters if p.atom_index != p.neighbour_index]
     assert len(intersite) == 2
     for parameter in intersite:
-        block = result["occupations"].get_intersite(parameter.atom_index, parameter.neighbour_index, parameter.translation)
+        block = result["occupations"].get_intersite(
+            parameter.atom_index, parameter.neighbour_index, parameter.translation
+        )
         assert block.shape == (2, 5, 3)
 
 
@@ -271,7 +275,9 @@ def test_extract_any_equivalent_image(aiida_profile, occupations_entry_point):
         ("nio_uv", "strained", None, None, 313, "does not belong to this structure"),
     ],
 )
-def test_extract_occupations_bad_input(aiida_profile, occupations_entry_point, case, structure_kind, files, replace, status, message):
+def test_extract_occupations_bad_input(
+    aiida_profile, occupations_entry_point, case, structure_kind, files, replace, status, message
+):
     from aiida import orm
 
     from aiida_eqml.calculations.functions.occupations import extract_occupations
@@ -335,7 +341,9 @@ def test_real_pw_calculation_u_plus_v(aiida_profile, occupations_entry_point, qe
     _, calc = run_get_node(builder)
     assert calc.is_finished_ok, calc.exit_message
 
-    result, extraction = extract_occupations.run_get_node(retrieved=calc.outputs.retrieved, structure=calc.inputs.structure)
+    result, extraction = extract_occupations.run_get_node(
+        retrieved=calc.outputs.retrieved, structure=calc.inputs.structure
+    )
     assert extraction.is_finished_ok, extraction.exit_message
     occupations = result["occupations"]
     # provenance: PwCalculation -> retrieved -> extract_occupations -> occupations
@@ -343,4 +351,6 @@ def test_real_pw_calculation_u_plus_v(aiida_profile, occupations_entry_point, qe
     assert occupations.creator.inputs.structure.pk == calc.inputs.structure.pk
     assert occupations.hubbard_type == "U+V" and len(occupations.get_array("intersite_keys")) == 24
     printed = parse_printed_traces(calc.outputs.retrieved.base.repository.get_object_content("aiida.out"))
-    np.testing.assert_allclose(occupations.base.attributes.get("onsite_traces"), [printed[a][:2] for a in (1, 2, 3, 4)], atol=6e-6)
+    np.testing.assert_allclose(
+        occupations.base.attributes.get("onsite_traces"), [printed[a][:2] for a in (1, 2, 3, 4)], atol=6e-6
+    )

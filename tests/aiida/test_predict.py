@@ -144,7 +144,8 @@ def test_prediction_provenance_reaches_the_dft_calculations(aiida_profile, qe_co
     forces = prediction.get_array('forces')
     assert forces.shape == (2, 3) and np.all(np.isfinite(forces))
 
-    # The graph: prediction <- predict_tensors <- model <- eqml.train <- dataset <- harvest <- pw.x outputs <- PwCalculation
+    # The graph: prediction <- predict_tensors <- model <- eqml.train <- dataset <- harvest <- pw.x outputs
+    # <- PwCalculation
     query = orm.QueryBuilder()
     query.append(orm.ArrayData, filters={'id': prediction.pk}, tag='prediction')
     query.append(orm.CalcJobNode, with_descendants='prediction', project='id', tag='calcs')
@@ -186,8 +187,8 @@ def hubbard_model_node(folder, structure, occupations, seed, species=('Ni', 'O')
     from aiida_eqml.ml.graph import PaddingBuckets
     from aiida_eqml.ml.hubbard.models import hubbard_model_config
     from aiida_eqml.ml.hubbard.records import hubbard_training_dataset
-    from aiida_eqml.ml.models import build_model
     from aiida_eqml.ml.modelfile import save_model
+    from aiida_eqml.ml.models import build_model
 
     dataset, attrs = hubbard_training_dataset(hubbard_record_from_nodes(structure, occupations))
     model = build_model(hubbard_model_config(list(species), attrs, cutoff=3.5, predict_v=False))
@@ -215,7 +216,11 @@ def test_predict_hubbard_u(nio_occupations, tmp_path):
     assert all(entry['input'] in (5.0, 1.0) for entry in spread['parameters'])
     # The new structure carries the ensemble means, everything else as in the input.
     for before, after in zip(structure.hubbard.parameters, predicted.hubbard.parameters):
-        assert (after.atom_index, after.atom_manifold, after.hubbard_type) == (before.atom_index, before.atom_manifold, before.hubbard_type)
+        assert (after.atom_index, after.atom_manifold, after.hubbard_type) == (
+            before.atom_index,
+            before.atom_manifold,
+            before.hubbard_type,
+        )
         assert after.value == pytest.approx(u[after.atom_index]['mean'])
     assert predicted.get_ase() == structure.get_ase()
     inputs = {link.node.uuid for link in node.base.links.get_incoming().all()}

@@ -29,7 +29,9 @@ def test_predict_tensors_gives_the_predictor_numbers(model_files):
     for name in direct:
         np.testing.assert_allclose(result.get_array(name), direct[name], rtol=1e-5, atol=1e-7)
     atoms.calc = EqmlCalculator(model_files)
-    np.testing.assert_allclose(atoms.calc.get_property('born_charges', atoms), direct['born_charges'], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        atoms.calc.get_property('born_charges', atoms), direct['born_charges'], rtol=1e-5, atol=1e-7
+    )
     np.testing.assert_allclose(atoms.calc.results['born_charges_std'], direct['born_charges_std'], rtol=1e-4, atol=1e-7)
 
 
@@ -62,7 +64,9 @@ def test_predict_hubbard_gives_the_predictor_numbers(nio_occupations, tmp_path):
     structure, occupations = nio_occupations
     members = [hubbard_model_node(tmp_path, structure, occupations, seed) for seed in (5, 6)]
     result = predict_hubbard(structure, occupations, a=members[0], b=members[1])
-    direct = Predictor([m.load() for m in members]).predict_hubbard(hubbard_record_from_nodes(structure, occupations))[0]
+    direct = Predictor([m.load() for m in members]).predict_hubbard(hubbard_record_from_nodes(structure, occupations))[
+        0
+    ]
     for entry in result['spread'].get_dict()['parameters']:
         i = entry['atom_index']
         assert entry['mean'] == pytest.approx(direct['hubbard_u'][i], rel=1e-5)

@@ -10,7 +10,6 @@ import re
 
 import numpy as np
 import pytest
-
 from qe_tools import CONSTANTS
 
 # The Rydberg in eV that aiida-quantumespresso's parser uses (qe-tools: CODATA 2006, 13.6056917 eV; the

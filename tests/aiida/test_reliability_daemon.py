@@ -31,6 +31,9 @@ def test_crashing_structure_through_the_daemon(tmp_path, reliability):
     assert result['workers_after'] == result['workers_before'] and result['workers_before'], result
     observed = (
         f"process {result['first_state']} (exit {result['first_exit_status']}): "
-        f"{result['first_exit_message'] or result['first_exception'].splitlines()[-1]}; the same worker then ran the next prediction"
+        f"{result['first_exit_message'] or result['first_exception'].splitlines()[-1]}; "
+        "the same worker then ran the next prediction"
     )
-    reliability.record('predict_tensors through the daemon', 'two atoms 4e5 A apart, no pbc (killed the worker before)', observed)
+    reliability.record(
+        'predict_tensors through the daemon', 'two atoms 4e5 A apart, no pbc (killed the worker before)', observed
+    )

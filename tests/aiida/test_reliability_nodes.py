@@ -19,7 +19,8 @@ def _count(cls) -> int:
 
 
 def _with_config(path, target, **change):
-    """The model file at ``path`` with its config changed and every hash recomputed (so only the content checks refuse it)."""
+    """The model file at ``path`` with its config changed and every hash recomputed (so only the content checks
+    refuse it)."""
     from aiida_eqml.ml.modelfile import payload_sha256
 
     payload = msgpack.unpackb(path.read_bytes()[len(MAGIC):], raw=False)
@@ -29,7 +30,9 @@ def _with_config(path, target, **change):
         json.dumps(config, sort_keys=True, separators=(',', ':')).encode() + payload['params']
     ).hexdigest()
     payload.update(config=json.dumps(config, sort_keys=True), metadata=json.dumps(metadata, sort_keys=True))
-    payload['sha256'] = payload_sha256(2, payload['package_version'], payload['config'], payload['metadata'], payload['params'])
+    payload['sha256'] = payload_sha256(
+        2, payload['package_version'], payload['config'], payload['metadata'], payload['params']
+    )
     target.write_bytes(MAGIC + msgpack.packb(payload, use_bin_type=True))
     return target
 
@@ -46,7 +49,13 @@ def test_model_node_refuses_files_that_load_model_rejects(aiida_profile, tmp_pat
     good, _ = random_model_file(tmp_path / 'good.eqml')
     bad = _with_config(good, tmp_path / 'bad.eqml', **change)
     before = _count(EqmlModelData)
-    error = reliability.raises('EqmlModelData(filepath=...)', f'model file with {name} (hashes consistent)', ModelFileError, EqmlModelData, filepath=bad)
+    error = reliability.raises(
+        'EqmlModelData(filepath=...)',
+        f'model file with {name} (hashes consistent)',
+        ModelFileError,
+        EqmlModelData,
+        filepath=bad,
+    )
     assert 'bad.eqml' in str(error)
     assert _count(EqmlModelData) == before
     EqmlModelData(filepath=good)  # the unchanged file still makes a node
@@ -65,11 +74,19 @@ def test_dataset_node_refuses_inconsistent_files(aiida_profile, tmp_path, reliab
     bad = tmp_path / 'bad.npz'
     np.savez(bad, **arrays)
     before = _count(EqmlDatasetData)
-    error = reliability.raises('EqmlDatasetData(filepath=...)', 'sum(n_atoms) differs from the atom arrays', DatasetError, EqmlDatasetData, filepath=bad)
+    error = reliability.raises(
+        'EqmlDatasetData(filepath=...)',
+        'sum(n_atoms) differs from the atom arrays',
+        DatasetError,
+        EqmlDatasetData,
+        filepath=bad,
+    )
     assert 'bad.npz' in str(error) and 'numbers' in str(error)
     truncated = tmp_path / 'truncated.npz'
     truncated.write_bytes(good.read_bytes()[:300])
-    reliability.raises('EqmlDatasetData(filepath=...)', 'truncated .npz', DatasetError, EqmlDatasetData, filepath=truncated)
+    reliability.raises(
+        'EqmlDatasetData(filepath=...)', 'truncated .npz', DatasetError, EqmlDatasetData, filepath=truncated
+    )
     assert _count(EqmlDatasetData) == before
     with zipfile.ZipFile(good, 'a') as archive:  # a stray member: ignored, and not part of the content hash
         archive.writestr('stray.npy', b'\x00' * 1000)

@@ -37,7 +37,11 @@ def test_nan_loss_at_the_smallest_learning_rate_stops(python_code, reliability):
     _, node = run_get_node(_builder(python_code, config))
     assert node.exit_status == 311, (node.exit_status, node.exit_message)
     assert len(node.called) == 1 and node.called[0].exit_status == 320  # one run, no retry at half of it
-    reliability.record('eqml.train (WorkChain)', 'NaN loss at learning rate 1.5e-8', f'exit {node.exit_status} after one run: {node.exit_message}')
+    reliability.record(
+        'eqml.train (WorkChain)',
+        'NaN loss at learning rate 1.5e-8',
+        f'exit {node.exit_status} after one run: {node.exit_message}',
+    )
 
 
 def test_non_numeric_learning_rate_is_refused_before_submission(python_code, reliability):
@@ -46,4 +50,8 @@ def test_non_numeric_learning_rate_is_refused_before_submission(python_code, rel
     _, node = run_get_node(_builder(python_code, tiny_config(optimizer={'learning_rate': 'nan'})))
     assert node.exit_status == 310 and 'optimizer.learning_rate' in node.exit_message, node.exit_message
     assert not node.called
-    reliability.record('eqml.train (WorkChain)', "learning rate 'nan' (a string: Dict nodes refuse NaN)", f'exit {node.exit_status}, nothing submitted: {node.exit_message}')
+    reliability.record(
+        'eqml.train (WorkChain)',
+        "learning rate 'nan' (a string: Dict nodes refuse NaN)",
+        f'exit {node.exit_status}, nothing submitted: {node.exit_message}',
+    )

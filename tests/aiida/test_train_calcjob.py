@@ -25,7 +25,8 @@ def dataset_node(python_code):
 
 
 def builder_for(code, datasets, config, target=None, **kwargs):
-    """Fill the inputs of an ``eqml.train`` CalcJob on ``target`` (a builder namespace; default: a new CalcJob builder)."""
+    """Fill the inputs of an ``eqml.train`` CalcJob on ``target`` (a builder namespace; default: a new CalcJob
+    builder)."""
     from aiida import orm
 
     from aiida_eqml.calculations.train import EqmlTrainCalculation
@@ -123,7 +124,16 @@ def test_checks_before_submission(python_code, dataset_node, trained):
     from aiida_eqml.ml.dataset import Dataset, Sample
 
     tiny = tiny_dataset(2)
-    bao = [Sample(np.array([56, 8]), s.positions[:2], s.cell, True, node_targets={'born_charges': s.node_targets['born_charges'][:2]}) for s in tiny]
+    bao = [
+        Sample(
+            np.array([56, 8]),
+            s.positions[:2],
+            s.cell,
+            True,
+            node_targets={'born_charges': s.node_targets['born_charges'][:2]},
+        )
+        for s in tiny
+    ]
     bao_node = EqmlDatasetData(Dataset(bao, {'born_charges': tiny.target_specs['born_charges']})).store()
     results, _ = trained
     refused(
@@ -133,7 +143,11 @@ def test_checks_before_submission(python_code, dataset_node, trained):
         "species ['O', 'Ti']",
     )
     # A typo in the config.
-    refused(builder_for(python_code, {'tio': dataset_node}, tiny_config(epoch=3)), 310, "unknown training config keys ['epoch']")
+    refused(
+        builder_for(python_code, {'tio': dataset_node}, tiny_config(epoch=3)),
+        310,
+        "unknown training config keys ['epoch']",
+    )
 
 
 def test_input_rejected_by_the_training_process(python_code, dataset_node):

@@ -16,8 +16,13 @@ def nodes(aiida_profile, tmp_path_factory):
     ensure_entry_points()
     dataset = EqmlDatasetData.get_or_create(tiny_dataset(3, seed=21))
     path, _ = random_model_file(
-        tmp_path_factory.mktemp('cli') / 'model.eqml', 0,
-        metadata={'metrics': {'test': {'born_charges': {'mae': 0.0123, 'rmse': 0.02}}}, 'best_epoch': 4, 'epochs_run': 9},
+        tmp_path_factory.mktemp('cli') / 'model.eqml',
+        0,
+        metadata={
+            'metrics': {'test': {'born_charges': {'mae': 0.0123, 'rmse': 0.02}}},
+            'best_epoch': 4,
+            'epochs_run': 9,
+        },
     )
     model = EqmlModelData.get_or_create(path)
     return dataset, model, path
@@ -58,7 +63,9 @@ def test_dataset_list_show_export(nodes, tmp_path):
     npz = tmp_path / 'd.npz'
     assert invoke('dataset', 'export', dataset.pk, npz).exit_code == 0
     back = Dataset.load(npz)
-    np.testing.assert_array_equal(back[0].node_targets['born_charges'], dataset.get_dataset()[0].node_targets['born_charges'])
+    np.testing.assert_array_equal(
+        back[0].node_targets['born_charges'], dataset.get_dataset()[0].node_targets['born_charges']
+    )
     assert invoke('dataset', 'export', dataset.pk, npz).exit_code != 0  # exists, no --force
     xyz = tmp_path / 'd.extxyz'
     assert invoke('dataset', 'export', dataset.pk, xyz).exit_code == 0
@@ -76,7 +83,9 @@ def test_model_list_show_export(nodes, tmp_path):
 
     result = invoke('model', 'show', model.pk, '--metrics')
     assert result.exit_code == 0, result.output
-    assert model.sha256 in result.output and '4 / 9' in result.output and '1x0e+1x2e' not in result.output.split('Head')[0]
+    assert (
+        model.sha256 in result.output and '4 / 9' in result.output and '1x0e+1x2e' not in result.output.split('Head')[0]
+    )
     assert '0.0123' in result.output
 
     out = tmp_path / 'exported.eqml'

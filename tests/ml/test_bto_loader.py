@@ -19,13 +19,22 @@ BTO400 = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "bto40
 
 def _write_record(root: Path, index: str, rng, *, born=None, raman=None, eps=None, symbols=None, qe_offset=0.0):
     symbols = symbols or ["Ba", "Ti", "O", "O", "O"]
-    frac = np.array([[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]) + rng.normal(0, 0.01, (5, 3))
+    frac = np.array([[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]) + rng.normal(
+        0, 0.01, (5, 3)
+    )
     atoms = ase.Atoms(symbols, scaled_positions=frac, cell=np.eye(3) * 4.0, pbc=True)
     for sub in ("structures/cif", "structures/qe", "born_charges", "raman_tensors", "dielectric"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     ase.io.write(root / f"structures/cif/structure_{index}.cif", atoms)
-    lines = ["CELL_PARAMETERS angstrom"] + [" ".join(f"{x:.16f}" for x in row) for row in atoms.cell[:]] + ["", "ATOMIC_POSITIONS angstrom"]
-    lines += [f"{s} " + " ".join(f"{x + qe_offset:.16f}" for x in p) for s, p in zip(atoms.get_chemical_symbols(), atoms.positions)]
+    lines = (
+        ["CELL_PARAMETERS angstrom"]
+        + [" ".join(f"{x:.16f}" for x in row) for row in atoms.cell[:]]
+        + ["", "ATOMIC_POSITIONS angstrom"]
+    )
+    lines += [
+        f"{s} " + " ".join(f"{x + qe_offset:.16f}" for x in p)
+        for s, p in zip(atoms.get_chemical_symbols(), atoms.positions)
+    ]
     (root / f"structures/qe/structure_{index}.scf").write_text("\n".join(lines) + "\n")
     if born is None:
         born = np.array([np.eye(3) * q for q in (2.7, 7.2, -2.1, -2.1, -5.7)]) + rng.normal(0, 0.1, (5, 3, 3))
@@ -86,7 +95,9 @@ def test_synthetic_faults_are_found_and_named(tmp_path):
     masked, report = load_bto400(tmp_path, on_fault="mask")
     assert "structure_00004" in report.masked and "structure_00004" in report.loaded
     record = masked[report.loaded.index("structure_00004")]
-    assert np.all(np.isnan(record.graph_targets["dielectric"])) and np.all(np.isfinite(record.node_targets["born_charges"]))
+    assert np.all(np.isnan(record.graph_targets["dielectric"])) and np.all(
+        np.isfinite(record.node_targets["born_charges"])
+    )
     assert "structure_00006" in report.excluded  # structural faults still exclude
 
 

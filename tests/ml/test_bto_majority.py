@@ -1,8 +1,8 @@
 """bto400: the reference atom order is the majority's, so a faulty first record does not exclude the good ones."""
 import numpy as np
+from test_bto_loader import _write_record
 
 from aiida_eqml.ml.datasets.bto import load_bto400
-from test_bto_loader import _write_record
 
 
 def test_faulty_first_record_is_the_one_excluded(tmp_path, reliability):
@@ -15,4 +15,8 @@ def test_faulty_first_record_is_the_one_excluded(tmp_path, reliability):
     assert list(report.excluded) == ["structure_00000"]
     reason = " ".join(report.excluded["structure_00000"])
     assert "differs from the majority of records (3 of 4" in reason
-    reliability.record("load_bto400(root)", "first record with another atom order", f"that record excluded ({reason}); {len(dataset)} good records loaded")
+    reliability.record(
+        "load_bto400(root)",
+        "first record with another atom order",
+        f"that record excluded ({reason}); {len(dataset)} good records loaded",
+    )

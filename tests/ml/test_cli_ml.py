@@ -10,10 +10,10 @@ import ase.io
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_training import MODEL, tiny_dataset
 
 from aiida_eqml.cli.main import cli
 from aiida_eqml.ml.predict import load_predictor
-from test_training import MODEL, tiny_dataset
 
 AIIDA_EQML = Path(sys.executable).parent / "aiida-eqml"
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -26,8 +26,13 @@ def trained(tmp_path_factory):
     config = {"model": MODEL, "epochs": 2, "batch_size": 2, "seed": 1, "progress": False,
               "split": {"val_fraction": 0.25, "test_fraction": 0.25}}
     (root / "c.json").write_text(json.dumps(config))
-    proc = subprocess.run([str(AIIDA_EQML), "train", root / "d.npz", root / "c.json", "--out", root / "run", "--no-progress"],
-                          env=ENV, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [str(AIIDA_EQML), "train", root / "d.npz", root / "c.json", "--out", root / "run", "--no-progress"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "model.eqml: 2 epoch(s)" in proc.stdout
     assert json.loads((root / "run" / "metrics.json").read_text())["status"] == "completed"
@@ -57,20 +62,36 @@ def test_train_then_predict_from_the_command_line(trained):
     for atoms, frame in zip(written, frames):
         np.testing.assert_allclose(atoms.positions, frame.positions, atol=1e-6)
         ref = predictor.predict(frame)
-        np.testing.assert_allclose(atoms.arrays["born_charges"].reshape(-1, 3, 3), ref["born_charges"], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(np.reshape(atoms.info["dielectric"], (3, 3)), ref["dielectric"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            atoms.arrays["born_charges"].reshape(-1, 3, 3), ref["born_charges"], rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            np.reshape(atoms.info["dielectric"], (3, 3)), ref["dielectric"], rtol=1e-5, atol=1e-6
+        )
         assert np.abs(ref["born_charges"]).max() > 0.1
 
 
 def test_command_line_errors_are_clear(trained, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(cli, ["train", str(tmp_path / "missing.npz"), str(trained / "c.json"), "--out", str(tmp_path / "bad")])
+    result = runner.invoke(
+        cli, ["train", str(tmp_path / "missing.npz"), str(trained / "c.json"), "--out", str(tmp_path / "bad")]
+    )
     assert result.exit_code == 2  # invalid input, as python -m aiida_eqml.ml.train_cli
     assert json.loads((tmp_path / "bad" / "metrics.json").read_text())["status"] == "invalid_input"
 
     foreign = ase.Atoms("BaO", positions=[[0, 0, 0], [1.6, 1.6, 1.6]], cell=3.2 * np.eye(3), pbc=True)
     ase.io.write(tmp_path / "bao.extxyz", foreign)
-    result = runner.invoke(cli, ["predict", str(trained / "run" / "model.eqml"), str(tmp_path / "bao.extxyz"), "-o", str(tmp_path / "o.extxyz"), "--no-progress"])
+    result = runner.invoke(
+        cli,
+        [
+            "predict",
+            str(trained / "run" / "model.eqml"),
+            str(tmp_path / "bao.extxyz"),
+            "-o",
+            str(tmp_path / "o.extxyz"),
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 1
     assert "element(s) ['Ba'] not in the model's species ['O', 'Ti']" in result.output
     assert not (tmp_path / "o.extxyz").exists()

@@ -6,10 +6,10 @@ import sys
 
 import numpy as np
 import pytest
+from test_training import MODEL, base_config, tiny_dataset
 
 from aiida_eqml.ml.config_schema import ConfigError, validate_model_config
 from aiida_eqml.ml.training import train, training_config
-from test_training import MODEL, base_config, tiny_dataset
 
 ENTRY = 'train(dataset, config) (ML API)'
 
@@ -45,7 +45,9 @@ def test_defaults_and_the_test_configs_validate():
 
 def test_batch_size_beyond_the_training_split(reliability):
     config = base_config(batch_size=5, split={'train': [0, 1, 2], 'val': [], 'test': []})
-    error = reliability.raises(ENTRY, 'batch_size 5 for 3 training samples', ConfigError, train, tiny_dataset(3), config)
+    error = reliability.raises(
+        ENTRY, 'batch_size 5 for 3 training samples', ConfigError, train, tiny_dataset(3), config
+    )
     assert 'batch_size' in str(error) and '3 samples' in str(error)
 
 
@@ -63,7 +65,13 @@ def test_resume_with_another_dataset_is_refused(tmp_path, reliability):
     train(tiny_dataset(3), config, tmp_path, stop_after_epochs=1)
     other = tiny_dataset(3, seed=5)
     error = reliability.raises(
-        ENTRY, 'resume from a checkpoint of another dataset', ValueError, train, other, config, resume=tmp_path / 'checkpoint.msgpack'
+        ENTRY,
+        'resume from a checkpoint of another dataset',
+        ValueError,
+        train,
+        other,
+        config,
+        resume=tmp_path / 'checkpoint.msgpack',
     )
     assert 'another dataset' in str(error)
 
@@ -74,14 +82,36 @@ def test_train_cli_reports_bad_configs_as_invalid_input(tmp_path, reliability):
     tiny_dataset(3).save(tmp_path / 'd.npz')
     env = dict(os.environ, JAX_PLATFORMS='cpu')
     # json.load accepts NaN: the CLI is where a NaN learning rate can arrive (AiiDA Dict nodes refuse NaN).
-    for name, overrides in (('learning rate NaN', {'optimizer': {'learning_rate': float('nan')}}), ('num_layers -2', {'model': {**MODEL, 'num_layers': -2}})):
+    for name, overrides in (
+        ('learning rate NaN', {'optimizer': {'learning_rate': float('nan')}}),
+        ('num_layers -2', {'model': {**MODEL, 'num_layers': -2}}),
+    ):
         config = tmp_path / 'config.json'
         config.write_text(json.dumps(base_config(**overrides)))
         out = tmp_path / name.replace(' ', '_')
-        proc = subprocess.run([sys.executable, '-m', 'aiida_eqml.ml.train_cli', '--dataset', tmp_path / 'd.npz', '--config', config, '--out', out],
-                              env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                '-m',
+                'aiida_eqml.ml.train_cli',
+                '--dataset',
+                tmp_path / 'd.npz',
+                '--config',
+                config,
+                '--out',
+                out,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         metrics = json.loads((out / 'metrics.json').read_text())
         assert proc.returncode == EXIT_CODES['invalid_input'], (proc.returncode, proc.stderr[-2000:])
         assert metrics['status'] == 'invalid_input' and 'ConfigError' in metrics['message']
         assert not (out / 'model.eqml').exists()
-        reliability.record('python -m aiida_eqml.ml.train_cli --config', name, f"exit {proc.returncode} ({metrics['status']}): {metrics['message']}")
+        reliability.record(
+            'python -m aiida_eqml.ml.train_cli --config',
+            name,
+            f"exit {proc.returncode} ({metrics['status']}): {metrics['message']}",
+        )

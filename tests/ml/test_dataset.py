@@ -1,7 +1,6 @@
 """Dataset record: validation, npz round trip without pickle, extxyz, padded batches."""
 
 import json
-import zipfile
 
 import numpy as np
 import pytest
@@ -23,7 +22,9 @@ def _sample(rng, n=3, name="s", with_edges=True):
     eps = np.eye(3) * 5 + 0.1 * (lambda a: a + a.T)(rng.normal(size=(3, 3)))
     edges = {}
     if with_edges:
-        edges["hopping"] = EdgeTarget(keys=[[0, 1, 0, 0, 0], [1, 0, 0, 0, 0], [0, 0, 1, 0, 0]], values=rng.normal(size=(3, 1)))
+        edges["hopping"] = EdgeTarget(
+            keys=[[0, 1, 0, 0, 0], [1, 0, 0, 0, 0], [0, 0, 1, 0, 0]], values=rng.normal(size=(3, 1))
+        )
     return Sample(
         numbers=numbers,
         positions=positions,
@@ -121,11 +122,17 @@ def test_extxyz_export(dataset, tmp_path):
     frames = ase.io.read(path, index=":")
     assert len(frames) == 3
     np.testing.assert_allclose(frames[0].positions, dataset[0].positions, atol=1e-6)
-    np.testing.assert_allclose(frames[0].arrays["born_charges"].reshape(-1, 3, 3), dataset[0].node_targets["born_charges"], atol=1e-6)
+    np.testing.assert_allclose(
+        frames[0].arrays["born_charges"].reshape(-1, 3, 3), dataset[0].node_targets["born_charges"], atol=1e-6
+    )
 
 
 def test_make_batches_irreps_targets_and_masks(dataset):
-    config = {"species": ["O", "Ti"], "cutoff": 4.5, "heads": {k: {kk: vv for kk, vv in v.items() if kk != "unit"} for k, v in SPECS.items()}}
+    config = {
+        "species": ["O", "Ti"],
+        "cutoff": 4.5,
+        "heads": {k: {kk: vv for kk, vv in v.items() if kk != "unit"} for k, v in SPECS.items()},
+    }
     batches = make_batches(dataset, config, batch_size=2)
     assert len(batches) == 2
     b0, b1 = batches
@@ -135,7 +142,9 @@ def test_make_batches_irreps_targets_and_masks(dataset):
     # Node targets: irreps of the Cartesian label, padding masked.
     n0 = dataset[0].n_atoms
     np.testing.assert_allclose(
-        born.to_cartesian(np.asarray(b0.targets["born_charges"].array[:n0], np.float64)), dataset[0].node_targets["born_charges"], atol=1e-5
+        born.to_cartesian(np.asarray(b0.targets["born_charges"].array[:n0], np.float64)),
+        dataset[0].node_targets["born_charges"],
+        atol=1e-5,
     )
     assert b0.masks["born_charges"].sum() == dataset[0].n_atoms + dataset[1].n_atoms
     # The NaN label of sample 2, atom 1 is masked and stored as zeros (no NaN reaches the loss).

@@ -8,10 +8,10 @@ import zipfile
 
 import numpy as np
 import pytest
+from test_dataset import SPECS, _sample
 
 from aiida_eqml.ml.dataset import Dataset
 from aiida_eqml.ml.dataset_file import DatasetError, dataset_sha256, read_dataset_arrays
-from test_dataset import SPECS, _sample
 
 ENTRY = 'Dataset.load (ML API)'
 
@@ -70,13 +70,17 @@ def test_present_mask_that_does_not_match_the_values(good, tmp_path, reliability
     present = arrays_of(good)[key].copy()
     present[1] = True  # claims a third sample with edges; counts/values hold two
     bad = rewrite(good, tmp_path / 'bad.npz', replace={key: present})
-    error = reliability.raises(ENTRY, 'a present mask with more samples than the values', DatasetError, Dataset.load, bad)
+    error = reliability.raises(
+        ENTRY, 'a present mask with more samples than the values', DatasetError, Dataset.load, bad
+    )
     assert 'hopping::count' in str(error)
     key = 'node_targets::born_charges::present'
     present = arrays_of(good)[key].copy()
     present[2] = False
     bad = rewrite(good, tmp_path / 'bad2.npz', replace={key: present})
-    error = reliability.raises(ENTRY, 'a present mask with fewer atoms than the values', DatasetError, Dataset.load, bad)
+    error = reliability.raises(
+        ENTRY, 'a present mask with fewer atoms than the values', DatasetError, Dataset.load, bad
+    )
     assert 'born_charges::values' in str(error) and 'expected (7, 3, 3)' in str(error)
 
 
@@ -100,7 +104,9 @@ def test_only_expected_members_are_read(good, tmp_path, reliability):
     loaded = Dataset.load(bad)
     assert len(loaded) == 3
     assert dataset_sha256(bad) == dataset_sha256(good)  # the hash covers the dataset's members only
-    reliability.record(ENTRY, 'unused member declaring 8 TB', f'ignored: loads {len(loaded)} samples, same content hash')
+    reliability.record(
+        ENTRY, 'unused member declaring 8 TB', f'ignored: loads {len(loaded)} samples, same content hash'
+    )
 
 
 def test_header_declaring_8_tb_is_refused_before_allocating(good, tmp_path, reliability):
@@ -118,8 +124,12 @@ def test_header_declaring_8_tb_is_refused_before_allocating(good, tmp_path, reli
     header['shape'] = (n,)
     buffer = io.BytesIO()
     np.lib.format.write_array_header_1_0(buffer, header)
-    bad = rewrite(good, tmp_path / 'huge2.npz', replace={'n_atoms': np.array([n - 6, 4, 2])}, raw={'numbers': buffer.getvalue()})
-    error = reliability.raises(ENTRY, 'n_atoms and numbers header both claiming 2^31 atoms', DatasetError, Dataset.load, bad)
+    bad = rewrite(
+        good, tmp_path / 'huge2.npz', replace={'n_atoms': np.array([n - 6, 4, 2])}, raw={'numbers': buffer.getvalue()}
+    )
+    error = reliability.raises(
+        ENTRY, 'n_atoms and numbers header both claiming 2^31 atoms', DatasetError, Dataset.load, bad
+    )
     assert 'numbers' in str(error) and 'zip entry holds' in str(error)
 
 
@@ -160,13 +170,36 @@ def test_train_cli_reports_a_truncated_dataset_as_invalid_input(good, tmp_path, 
     truncated = tmp_path / 'truncated.npz'
     truncated.write_bytes(good.read_bytes()[:500])
     config = tmp_path / 'config.json'
-    config.write_text(json.dumps({'model': {'heads': {'dielectric': {'level': 'graph', 'tensor': 'ij=ji'}}}, 'progress': False}))
+    config.write_text(
+        json.dumps({'model': {'heads': {'dielectric': {'level': 'graph', 'tensor': 'ij=ji'}}}, 'progress': False})
+    )
     env = dict(os.environ, JAX_PLATFORMS='cpu')
     proc = subprocess.run(
-        [sys.executable, '-m', 'aiida_eqml.ml.train_cli', '--dataset', truncated, '--config', config, '--out', tmp_path / 'out'],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            '-m',
+            'aiida_eqml.ml.train_cli',
+            '--dataset',
+            truncated,
+            '--config',
+            config,
+            '--out',
+            tmp_path / 'out',
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == EXIT_CODES['invalid_input'], proc.stderr[-2000:]
     metrics = json.loads((tmp_path / 'out' / 'metrics.json').read_text())
-    assert metrics['status'] == 'invalid_input' and 'DatasetError' in metrics['message'] and 'truncated.npz' in metrics['message']
-    reliability.record('python -m aiida_eqml.ml.train_cli --dataset', 'truncated .npz', f"exit {proc.returncode} ({metrics['status']}): {metrics['message']}")
+    assert (
+        metrics['status'] == 'invalid_input'
+        and 'DatasetError' in metrics['message']
+        and 'truncated.npz' in metrics['message']
+    )
+    reliability.record(
+        'python -m aiida_eqml.ml.train_cli --dataset',
+        'truncated .npz',
+        f"exit {proc.returncode} ({metrics['status']}): {metrics['message']}",
+    )

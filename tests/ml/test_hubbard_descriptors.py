@@ -131,7 +131,9 @@ def test_qe_to_e3nn_matrix(l):
     # the Wigner matrix in QE's basis rotates QE's harmonics: Y_qe(R r) = W(R) Y_qe(r)
     rot = random_rotation(l)
     np.testing.assert_allclose(
-        qe_real_spherical_harmonics(l, r @ rot.T), qe_real_spherical_harmonics(l, r) @ qe_wigner_matrix(l, rot).T, atol=1e-5
+        qe_real_spherical_harmonics(l, r @ rot.T),
+        qe_real_spherical_harmonics(l, r) @ qe_wigner_matrix(l, rot).T,
+        atol=1e-5,
     )
 
 

@@ -100,7 +100,9 @@ def test_leave_one_material_out_never_trains_on_the_held_out_material(record):
 def test_validation_falls_back_to_cells_then_none(record):
     ni = [i for i, s in enumerate(record.samples) if ev.material_of(s) == "NiO-rocksalt-fm"]
     fit, val, unit = ev.validation_split(record, ni, 0.5)
-    assert unit == "cell" and {ev.cell_of(record.samples[i]) for i in fit}.isdisjoint({ev.cell_of(record.samples[i]) for i in val})
+    assert unit == "cell" and {ev.cell_of(record.samples[i]) for i in fit}.isdisjoint(
+        {ev.cell_of(record.samples[i]) for i in val}
+    )
     one_cell = [i for i in ni if record.samples[i].info["strain"] == 0.98]
     assert ev.validation_split(record, one_cell, 0.5) == (one_cell, [], "none")
 
@@ -132,7 +134,9 @@ def test_element_mean_and_occupation_linear_baselines(record):
     assert mean({"kind": "U", "group": "Ni"}) == pytest.approx(np.mean(ni))
     # Co is unseen: the mean of every training U, not some other element's
     assert mean(test[0]) == pytest.approx(np.mean([r["truth"] for r in train if r["kind"] == "U"]))
-    assert mean({"kind": "V", "group": "Ni-O"}) == pytest.approx(np.mean([r["truth"] for r in train if r["kind"] == "V"]))
+    assert mean({"kind": "V", "group": "Ni-O"}) == pytest.approx(
+        np.mean([r["truth"] for r in train if r["kind"] == "V"])
+    )
     line = ev.occupation_linear_baseline(train)
     for r in ev.label_table(record, None, flags):  # the law is linear per element: recovered exactly where fitted
         if r["group"] in ("Ni", "Mn", "Ni-O"):

@@ -57,7 +57,9 @@ def test_label_issues_name_the_reason_and_never_read_the_label():
     assert hubbard_label_issues(scf_info("FeO", 1.78, 0.0, 4.0), channels="majority") == []
     assert hubbard_label_issues(scf_info("FeO", 1.78, 0.0, -4.0), channels="majority") == [
         "down-spin channel metallic (needs > 0 eV)"]
-    assert hubbard_label_issues(scf_info("MnO", 0.03, 3.4), min_gap_ev=0.1) == ["up-spin channel gap 0.03 eV (needs > 0.1 eV)"]
+    assert hubbard_label_issues(scf_info("MnO", 0.03, 3.4), min_gap_ev=0.1) == [
+        "up-spin channel gap 0.03 eV (needs > 0.1 eV)"
+    ]
     with pytest.raises(ValueError, match=r"old: no scf diagnostics \['scf_converged'"):
         hubbard_label_issues({"name": "old"})
 

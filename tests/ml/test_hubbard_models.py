@@ -80,7 +80,9 @@ def nio_sample(onsite, intersite, cell, target_u=None):
 def rotate_blocks(onsite, intersite, rotation):
     """Occupations of the rotated crystal from Wigner matrices in QE's basis: W n W^T."""
     l_of = {atom: (block.shape[-1] - 1) // 2 for atom, block in onsite.items()}
-    new_onsite = {a: qe_wigner_matrix(l_of[a], rotation) @ b @ qe_wigner_matrix(l_of[a], rotation).T for a, b in onsite.items()}
+    new_onsite = {
+        a: qe_wigner_matrix(l_of[a], rotation) @ b @ qe_wigner_matrix(l_of[a], rotation).T for a, b in onsite.items()
+    }
     new_intersite = {}
     for key, (block, v) in intersite.items():
         wi, wj = qe_wigner_matrix(l_of[key[0]], rotation), qe_wigner_matrix(l_of[key[1]], rotation)
@@ -164,13 +166,17 @@ def test_rotation_with_u_on_two_manifolds(u_runs):
     assert np.all(np.isfinite(u))
     rotated = predictions(model, params, [nio_sample(onsite_rot, {}, generate.CELL @ ROTATION.T)])[0]["hubbard_u"]
     np.testing.assert_allclose(rotated, u, atol=2e-3)
-    exact = predictions(model, params, [nio_sample(rotate_blocks(onsite, {}, ROTATION)[0], {}, generate.CELL @ ROTATION.T)])
+    exact = predictions(
+        model, params, [nio_sample(rotate_blocks(onsite, {}, ROTATION)[0], {}, generate.CELL @ ROTATION.T)]
+    )
     np.testing.assert_allclose(exact[0]["hubbard_u"], u, atol=TIGHT)
 
 
 def test_swapping_spin_channels_leaves_u_and_v_unchanged(uv_runs):
     (onsite, intersite), _ = uv_runs
-    dataset, attrs = hubbard_training_dataset(Dataset([nio_sample(onsite, intersite, generate.CELL)], HUBBARD_TARGET_SPECS))
+    dataset, attrs = hubbard_training_dataset(
+        Dataset([nio_sample(onsite, intersite, generate.CELL)], HUBBARD_TARGET_SPECS)
+    )
     model, params = model_and_params(dataset, attrs, seed=3)
     ref = predict_hubbard(model, params, dataset)[0]
     swapped = nio_sample(
@@ -189,7 +195,9 @@ def test_afm_equivalent_sites_get_the_same_u_and_v(uv_runs, u_runs):
     """Ni1 and Ni2 of AFM NiO are related by a translation plus a spin flip: same U; the six Ni-O
     couples of a Ni (D3d site symmetry) and their O-Ni reverses get the same V."""
     for (onsite, intersite), _ in (uv_runs, u_runs):
-        dataset, attrs = hubbard_training_dataset(Dataset([nio_sample(onsite, intersite, generate.CELL)], HUBBARD_TARGET_SPECS))
+        dataset, attrs = hubbard_training_dataset(
+            Dataset([nio_sample(onsite, intersite, generate.CELL)], HUBBARD_TARGET_SPECS)
+        )
         model, params = model_and_params(dataset, attrs, seed=1)
         out = predict_hubbard(model, params, dataset)[0]
         np.testing.assert_allclose(out["hubbard_u"][0], out["hubbard_u"][1], atol=2e-4)
@@ -287,7 +295,9 @@ def strained_nio_dataset():
         scaled = {a: b * (1.0 + 0.02 * (strain - 1.0) * (a + 1)) for a, b in base.items()}
         trace = {a: float(np.trace(b[0]) + np.trace(b[1])) for a, b in scaled.items() if a < 2}
         target = {a: 4.0 + 10.0 * (t - 8.2) + 30.0 * (strain - 1.0) for a, t in trace.items()}
-        samples.append(hubbard_record_sample(nio_atoms(cell), scaled, {0: 5.0, 1: 5.0, 2: 1.0, 3: 1.0}, target_u=target))
+        samples.append(
+            hubbard_record_sample(nio_atoms(cell), scaled, {0: 5.0, 1: 5.0, 2: 1.0, 3: 1.0}, target_u=target)
+        )
     dataset, attrs = hubbard_training_dataset(Dataset(samples, {"hubbard_u": HUBBARD_TARGET_SPECS["hubbard_u"]}))
     return dataset, attrs
 

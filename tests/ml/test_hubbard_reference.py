@@ -39,23 +39,31 @@ def test_missing_package_data_says_how_it_is_made(tmp_path, monkeypatch):
 
 def _tiny_reference(root: Path) -> Dataset:
     """An untrained one-member Hubbard ensemble written as a reference directory (the loader's format)."""
+    import ase.data
+
     from aiida_eqml.ml.hubbard.ensemble import Ensemble
     from aiida_eqml.ml.hubbard.models import hubbard_model_config
     from aiida_eqml.ml.models import build_model
-
-    import ase.data
 
     files = sorted(CAMPAIGN.glob("NiO_rocksalt_afm2_*.npz")) or sorted(CAMPAIGN.glob("*.npz"))
     record = Dataset.load(files[0])
     manifold_ls, pair_ls = record_manifolds(record)
     dataset, attrs = hubbard_training_dataset(record, manifold_ls, pair_ls)
-    config = hubbard_model_config([ase.data.chemical_symbols[z] for z in record.atomic_numbers], attrs, cutoff=4.0, avg_num_neighbors=10.0,
-                                  num_layers=1, hidden_irreps="4x0e + 2x1o + 2x2e")
+    config = hubbard_model_config(
+        [ase.data.chemical_symbols[z] for z in record.atomic_numbers],
+        attrs,
+        cutoff=4.0,
+        avg_num_neighbors=10.0,
+        num_layers=1,
+        hidden_irreps="4x0e + 2x1o + 2x2e",
+    )
     model = build_model(config)
     params = model.init(jax.random.PRNGKey(0), make_batches(dataset, config, 1)[0].graph)
     meta = {"hubbard": {"manifold_ls": list(manifold_ls), "pair_ls": [list(p) for p in pair_ls]},
             "protocol": record.samples[0].info.get("protocol")}
-    Ensemble([(model, params)], [meta]).save(root / "hubbard-tmo", metadata={"training_materials": ["x"], "errors": None})
+    Ensemble([(model, params)], [meta]).save(
+        root / "hubbard-tmo", metadata={"training_materials": ["x"], "errors": None}
+    )
     record.save(root / "hubbard-tmo" / "record.npz")
     return record
 
@@ -88,7 +96,9 @@ def test_shipped_reference_model_predicts_its_record():
         assert member["protocol"]["name"] == meta["protocol"]["name"] and "manifold_ls" in member["hubbard"]
     record = reference.reference_record("hubbard-tmo")
     trained = set(meta["training_materials"])  # the record also holds labels of held-out materials
-    usable = [i for i, s in enumerate(record.samples) if not s.info.get("quality_issues") and s.info["material"] in trained]
+    usable = [
+        i for i, s in enumerate(record.samples) if not s.info.get("quality_issues") and s.info["material"] in trained
+    ]
     material = record.samples[usable[0]].info["material"]
     one = record.subset([i for i in usable if record.samples[i].info["material"] == material])
     errors = []

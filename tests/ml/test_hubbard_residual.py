@@ -38,7 +38,9 @@ def test_residual_targets_are_the_labels_minus_the_scf_parameters(record):
         np.testing.assert_allclose(dv.values + scf_values(before, "V", v.keys), v.values)
         assert np.all(scf_values(before, "V", v.keys) > 0)
     # the input record is left as it was
-    assert not np.allclose(record.samples[0].node_targets["hubbard_u"][0], shifted.samples[0].node_targets["hubbard_u"][0])
+    assert not np.allclose(
+        record.samples[0].node_targets["hubbard_u"][0], shifted.samples[0].node_targets["hubbard_u"][0]
+    )
 
 
 def test_unknown_hubbard_option_and_parent_mismatch_are_refused(record):
@@ -76,9 +78,13 @@ def test_train_cli_stores_the_flag_and_prediction_adds_the_scf_values(record, tm
     absolute = model.predict_hubbard(record)
     for s, r, a in zip(record.samples, residual, absolute):
         ok = np.isfinite(s.node_targets["hubbard_u"][:, 0])
-        np.testing.assert_allclose(r["hubbard_u"][ok] - a["hubbard_u"][ok], s.node_attrs["hubbard_u_scf"][ok], atol=1e-5)
+        np.testing.assert_allclose(
+            r["hubbard_u"][ok] - a["hubbard_u"][ok], s.node_attrs["hubbard_u_scf"][ok], atol=1e-5
+        )
         np.testing.assert_array_equal(r["hubbard_v_keys"], s.edge_targets["hubbard_v"].keys)
-        np.testing.assert_allclose(r["hubbard_v"] - a["hubbard_v"], scf_values(s, "V", r["hubbard_v_keys"])[:, 0], atol=1e-5)
+        np.testing.assert_allclose(
+            r["hubbard_v"] - a["hubbard_v"], scf_values(s, "V", r["hubbard_v_keys"])[:, 0], atol=1e-5
+        )
     # the descriptors a residual model reads are the ordinary ones (only the targets moved)
     descriptors, _ = hubbard_training_dataset(record)
     again = load_predictor(path).predict_hubbard(descriptors)

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 from flax import serialization
+from test_training import MODEL, tiny_dataset
 
 from aiida_eqml.ml.dataset import make_batches
 from aiida_eqml.ml.modelfile import (
@@ -20,7 +21,6 @@ from aiida_eqml.ml.modelfile import (
 )
 from aiida_eqml.ml.models import build_model
 from aiida_eqml.ml.training import compute_normalization
-from test_training import MODEL, tiny_dataset
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,9 @@ def trained_like():
 def test_round_trip_predictions_bit_identical(trained_like, tmp_path):
     model, params, batch = trained_like
     path = tmp_path / "m.eqml"
-    digest = save_model(path, model.config, params, {"metrics": {"val": {"born_charges": {"mae": 0.1}}}, "target_specs": {"x": 1}})
+    digest = save_model(
+        path, model.config, params, {"metrics": {"val": {"born_charges": {"mae": 0.1}}}, "target_specs": {"x": 1}}
+    )
     assert digest == file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
     loaded, loaded_params, meta = load_model(path)
     before = model.apply(params, batch.graph)
@@ -52,7 +54,9 @@ def test_round_trip_predictions_bit_identical(trained_like, tmp_path):
     assert meta["package_version_saved"]
     assert meta["content_sha256"] == content_sha256(model.config, params)
     # Weights keep their dtype exactly.
-    assert all(a.dtype == b.dtype for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded_params)))
+    assert all(
+        a.dtype == b.dtype for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded_params))
+    )
 
 
 def test_content_hash_tracks_weights_not_metadata(trained_like, tmp_path):

@@ -7,11 +7,18 @@ import msgpack
 import numpy as np
 import pytest
 from flax import serialization
+from test_training import MODEL, tiny_dataset
 
 from aiida_eqml.ml.dataset import make_batches
-from aiida_eqml.ml.modelfile import ModelFileError, content_sha256, load_model, payload_sha256, read_model_file, save_model
+from aiida_eqml.ml.modelfile import (
+    ModelFileError,
+    content_sha256,
+    load_model,
+    payload_sha256,
+    read_model_file,
+    save_model,
+)
 from aiida_eqml.ml.models import build_model
-from test_training import MODEL, tiny_dataset
 
 ENTRY = 'load_model (ML API)'
 MAGIC = b'AIIDA-EQML-MODEL\n'
@@ -41,8 +48,12 @@ def consistent(payload, config=None, metadata=None, params=None):
     config = json.loads(payload['config']) if config is None else config
     metadata = json.loads(payload['metadata']) if metadata is None else metadata
     blob = payload['params'] if params is None else serialization.msgpack_serialize(params)
-    metadata['content_sha256'] = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(',', ':')).encode() + blob).hexdigest()
-    payload.update(config=json.dumps(config, sort_keys=True), metadata=json.dumps(metadata, sort_keys=True), params=blob)
+    metadata['content_sha256'] = hashlib.sha256(
+        json.dumps(config, sort_keys=True, separators=(',', ':')).encode() + blob
+    ).hexdigest()
+    payload.update(
+        config=json.dumps(config, sort_keys=True), metadata=json.dumps(metadata, sort_keys=True), params=blob
+    )
     payload['sha256'] = payload_sha256(2, payload['package_version'], payload['config'], payload['metadata'], blob)
     return payload
 
@@ -51,12 +62,20 @@ def test_a_changed_cutoff_or_metadata_fails_the_checksum(saved, tmp_path, reliab
     payload = payload_of(saved)
     assert '"cutoff": 3.0' in payload['config']
     flipped = dict(payload, config=payload['config'].replace('"cutoff": 3.0', '"cutoff": 7.0'))
-    error = reliability.raises(ENTRY, 'one digit of the cutoff changed in the config', ModelFileError, load_model, write(tmp_path / 'c.eqml', flipped))
+    error = reliability.raises(
+        ENTRY,
+        'one digit of the cutoff changed in the config',
+        ModelFileError,
+        load_model,
+        write(tmp_path / 'c.eqml', flipped),
+    )
     assert 'sha256' in str(error)
     metadata = json.loads(payload['metadata'])
     metadata['target_specs'] = {'born_charges': {'level': 'node', 'tensor': 'ij=ji'}}
     flipped = dict(payload, metadata=json.dumps(metadata, sort_keys=True))
-    error = reliability.raises(ENTRY, 'metadata (target specs) changed', ModelFileError, load_model, write(tmp_path / 'm.eqml', flipped))
+    error = reliability.raises(
+        ENTRY, 'metadata (target specs) changed', ModelFileError, load_model, write(tmp_path / 'm.eqml', flipped)
+    )
     assert 'sha256' in str(error)
 
 
@@ -102,11 +121,19 @@ def test_crafted_field_types_are_refused_without_allocating(saved, tmp_path, rel
 
 def test_weights_that_are_not_float_arrays(saved, tmp_path, reliability):
     payload = consistent(payload_of(saved), params={'params': {'embedding': {'w': 1}}})
-    error = reliability.raises(ENTRY, 'weights holding an integer instead of arrays', ModelFileError, load_model, write(tmp_path / 'w.eqml', payload))
+    error = reliability.raises(
+        ENTRY,
+        'weights holding an integer instead of arrays',
+        ModelFileError,
+        load_model,
+        write(tmp_path / 'w.eqml', payload),
+    )
     assert 'expected a float array' in str(error)
     payload = dict(payload_of(saved), params=b'\xc1' * 10)
     payload = consistent(payload)
-    error = reliability.raises(ENTRY, 'weights blob not msgpack', ModelFileError, load_model, write(tmp_path / 'x.eqml', payload))
+    error = reliability.raises(
+        ENTRY, 'weights blob not msgpack', ModelFileError, load_model, write(tmp_path / 'x.eqml', payload)
+    )
     assert 'weights unreadable' in str(error)
 
 

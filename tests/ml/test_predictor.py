@@ -7,10 +7,9 @@ import pytest
 
 from aiida_eqml.ml.calculator import EqmlCalculator
 from aiida_eqml.ml.graph import PaddingBuckets, graph_from_atoms
-from aiida_eqml.ml.models import build_model
 from aiida_eqml.ml.modelfile import save_model
-from aiida_eqml.ml.predict import PredictionError, Predictor, cached_predictor, load_predictor
-from aiida_eqml.ml.tensors import tensor_type
+from aiida_eqml.ml.models import build_model
+from aiida_eqml.ml.predict import PredictionError, cached_predictor, load_predictor
 
 #: every kind of head the calculator exposes: energy / forces / stress from E(R), direct Cartesian tensors
 MODEL = {
@@ -61,7 +60,10 @@ def model_file(path, config, seed, atoms=None):
 def _attrs(model, atoms):
     import e3nn_jax as e3nn
 
-    return {name: e3nn.IrrepsArray(irreps, np.ones((len(atoms), e3nn.Irreps(irreps).dim))) for name, irreps in model.config["node_attrs"].items()}
+    return {
+        name: e3nn.IrrepsArray(irreps, np.ones((len(atoms), e3nn.Irreps(irreps).dim)))
+        for name, irreps in model.config["node_attrs"].items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,11 @@ def test_outputs_are_cartesian_with_the_physics_of_each_head(single):
     atoms = tio(1)
     out = single.predict(atoms)
     assert out["energy"].shape == (1,) and out["forces"].shape == (4, 3) and out["stress"].shape == (3, 3)
-    assert out["born_charges"].shape == (4, 3, 3) and out["raman"].shape == (4, 3, 3, 3) and out["dielectric"].shape == (3, 3)
+    assert (
+        out["born_charges"].shape == (4, 3, 3)
+        and out["raman"].shape == (4, 3, 3, 3)
+        and out["dielectric"].shape == (3, 3)
+    )
     assert not any(k.endswith("_std") for k in out)  # one model: no spread
     np.testing.assert_allclose(out["dielectric"], out["dielectric"].T, atol=1e-6)
     np.testing.assert_allclose(out["raman"], out["raman"].transpose(0, 2, 1, 3), atol=1e-6)  # ijk = jik
@@ -128,7 +134,9 @@ def test_equivariance_under_proper_and_improper_rotations(single):
         np.testing.assert_allclose(out["stress"], rot @ ref["stress"] @ rot.T, atol=2e-5)
         np.testing.assert_allclose(out["born_charges"], rot @ ref["born_charges"] @ rot.T, atol=2e-5)  # Z' = R Z R^T
         np.testing.assert_allclose(out["dielectric"], rot @ ref["dielectric"] @ rot.T, atol=2e-5)
-        np.testing.assert_allclose(out["raman"], np.einsum("ia,jb,kc,nabc->nijk", rot, rot, rot, ref["raman"]), atol=2e-5)
+        np.testing.assert_allclose(
+            out["raman"], np.einsum("ia,jb,kc,nabc->nijk", rot, rot, rot, ref["raman"]), atol=2e-5
+        )
     # the check has teeth: the unrotated tensors are far from the rotated ones
     assert np.abs(out["born_charges"] - ref["born_charges"]).max() > 1e-3
 
@@ -172,16 +180,24 @@ def test_cached_predictor_loads_once(files):
 
 def test_unknown_species_and_missing_attributes_are_named(tmp_path, single):
     foreign = ase.Atoms("BaTiO", positions=[[0, 0, 0], [1.5, 1.5, 1.5], [0, 1.5, 1.5]], cell=3.0 * np.eye(3), pbc=True)
-    with pytest.raises(PredictionError, match=r"element\(s\) \['Ba'\] not in the model's species \['O', 'Ti'\]") as info:
+    with pytest.raises(
+        PredictionError, match=r"element\(s\) \['Ba'\] not in the model's species \['O', 'Ti'\]"
+    ) as info:
         single.predict(foreign)
     assert info.value.field == "species" and info.value.value == ["Ba"]
     with pytest.raises(PredictionError, match=r"structure 1: element\(s\) \['Ba'\]"):
         single.predict([tio(1), foreign])
 
-    config = {**MODEL, "node_attrs": {"magmom": "0e + 1o"}, "heads": {"born_charges": {"level": "node", "tensor": "ij"}}}
+    config = {
+        **MODEL,
+        "node_attrs": {"magmom": "0e + 1o"},
+        "heads": {"born_charges": {"level": "node", "tensor": "ij"}},
+    }
     predictor = load_predictor(model_file(tmp_path / "attr.eqml", config, 0))
     atoms = tio(2)
-    with pytest.raises(PredictionError, match=r"needs node attribute 'magmom' \(0e \+ 1o: \[4, 4\] .*given: none") as info:
+    with pytest.raises(
+        PredictionError, match=r"needs node attribute 'magmom' \(0e \+ 1o: \[4, 4\] .*given: none"
+    ) as info:
         predictor.predict(atoms)
     assert info.value.field == "node_attrs.magmom"
     with pytest.raises(PredictionError, match=r"'magmom' has shape \(4, 3\), the model needs \[4, 4\]"):
@@ -200,7 +216,9 @@ def test_calculator_exposes_every_head_with_ase_conventions(files, single):
     assert atoms.get_potential_energy() == pytest.approx(float(ref["energy"][0]), rel=1e-6)
     np.testing.assert_allclose(atoms.get_forces(), ref["forces"], rtol=1e-6)
     s = ref["stress"]
-    np.testing.assert_allclose(atoms.get_stress(), [s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]], rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(
+        atoms.get_stress(), [s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]], rtol=1e-5, atol=1e-8
+    )
     np.testing.assert_allclose(atoms.calc.get_property("born_charges"), ref["born_charges"], rtol=1e-6)
     np.testing.assert_allclose(atoms.calc.results["raman"], ref["raman"], rtol=1e-6)
     np.testing.assert_allclose(atoms.calc.results["dielectric"], ref["dielectric"], rtol=1e-6)
@@ -218,8 +236,8 @@ def test_calculator_exposes_every_head_with_ase_conventions(files, single):
 
 
 def test_ensemble_directory_and_directory_of_files(tmp_path, files):
-    from aiida_eqml.ml.modelfile import load_model
     from aiida_eqml.ml.hubbard.ensemble import Ensemble
+    from aiida_eqml.ml.modelfile import load_model
 
     members = [load_model(f) for f in files]
     Ensemble([(m, p) for m, p, _ in members], [{"seed": k} for k in range(2)]).save(tmp_path / "ens")
@@ -240,7 +258,10 @@ def test_ensemble_of_members_with_other_cutoffs_and_an_edge_head(tmp_path):
     """A committee over hyper-parameters: members build their own graphs; edge values meet on the first's edges."""
     from aiida_eqml.ml.graph import match_edges
 
-    base = {**MODEL, "heads": {"bond": {"level": "edge", "irreps": "0e"}, "born_charges": {"level": "node", "tensor": "ij"}}}
+    base = {
+        **MODEL,
+        "heads": {"bond": {"level": "edge", "irreps": "0e"}, "born_charges": {"level": "node", "tensor": "ij"}},
+    }
     short = load_predictor(model_file(tmp_path / "short.eqml", {**base, "cutoff": 2.6}, 0))
     long = load_predictor(model_file(tmp_path / "long.eqml", {**base, "cutoff": 3.2}, 1))
     both = load_predictor([tmp_path / "short.eqml", tmp_path / "long.eqml"])

@@ -6,17 +6,22 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
+from test_training import MODEL, tiny_dataset
 
 from aiida_eqml.ml.modelfile import file_sha256, load_model
 from aiida_eqml.ml.train_cli import EXIT_CODES
-from test_training import MODEL, tiny_dataset
 
 
 def run_cli(*args, timeout=600):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "aiida_eqml.ml.train_cli", *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "aiida_eqml.ml.train_cli", *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +64,16 @@ def test_cli_trains_writes_everything_and_fine_tunes(data):
 
     # Resuming the finished run is a no-op that still writes a model; fine-tuning starts from it.
     tuned = data / "tuned"
-    proc = run_cli("--dataset", data / "d.npz", "--config", write_config(data / "c1.json", epochs=1), "--out", tuned, "--parent-model", out / "model.eqml")
+    proc = run_cli(
+        "--dataset",
+        data / "d.npz",
+        "--config",
+        write_config(data / "c1.json", epochs=1),
+        "--out",
+        tuned,
+        "--parent-model",
+        out / "model.eqml",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, _, tuned_meta = load_model(tuned / "model.eqml")
     assert tuned_meta["parent_model"]["sha256"] == file_sha256(out / "model.eqml")
@@ -78,7 +92,9 @@ def test_cli_exit_codes(data):
     assert proc.returncode == 2
 
     nan_model = {**MODEL, "normalization": {"born_charges": {"scale": 0.0}}}
-    proc = run_cli("--dataset", data / "d.npz", "--config", write_config(data / "nan.json", model=nan_model), "--out", data / "nan")
+    proc = run_cli(
+        "--dataset", data / "d.npz", "--config", write_config(data / "nan.json", model=nan_model), "--out", data / "nan"
+    )
     assert proc.returncode == EXIT_CODES["nan_loss"] == 3, proc.stderr[-3000:]
     assert json.loads((data / "nan" / "metrics.json").read_text())["status"] == "nan_loss"
     assert EXIT_CODES["diverged"] == 4

@@ -165,7 +165,9 @@ def hubbard_values(hubbard_structure) -> tuple[dict[int, float], dict[tuple[int,
         if parameter.atom_index == parameter.neighbour_index and translation == (0, 0, 0):
             onsite[int(parameter.atom_index)] = float(parameter.value)
         else:
-            intersite[(int(parameter.atom_index), int(parameter.neighbour_index), *translation)] = float(parameter.value)
+            intersite[(int(parameter.atom_index), int(parameter.neighbour_index), *translation)] = float(
+                parameter.value
+            )
     return onsite, intersite
 
 

@@ -163,7 +163,8 @@ def hubbard_record_from_nodes(structure, occupations):
     if int(occupations.base.attributes.get('nat')) != n_atoms:
         raise PredictionInputError(
             EXIT_MISSING_MODEL_INPUTS,
-            f'the occupations are of a {occupations.base.attributes.get("nat")}-atom scf, the structure has {n_atoms} atoms',
+            f'the occupations are of a {occupations.base.attributes.get("nat")}-atom scf, '
+            f'the structure has {n_atoms} atoms',
         )
     inputs = occupations.descriptor_inputs()
     site_l = inputs['site_l']

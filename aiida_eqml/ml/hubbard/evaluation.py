@@ -17,7 +17,8 @@ in the record, flagged (:func:`label_flags`), and are neither trained on nor sco
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import ase.data
 import numpy as np
@@ -89,7 +90,8 @@ def _trace(occupations, atom: int) -> float:
 
 
 def label_table(record, indices: Iterable[int] | None = None, flags: Mapping[int, Any] | None = None) -> list[dict]:
-    """Rows (module docstring) of every finite U / V label of the samples ``indices`` (default: all) not in ``flags``."""
+    """Rows (module docstring) of every finite U / V label of the samples ``indices`` (default: all) not in
+    ``flags``."""
     flags = flags or {}
     rows = []
     for index in range(len(record)) if indices is None else indices:
@@ -111,7 +113,10 @@ def label_table(record, indices: Iterable[int] | None = None, flags: Mapping[int
             scf = {}
             if "hubbard_v_scf" in s.edge_attrs:
                 attr = s.edge_attrs["hubbard_v_scf"]
-                scf = {tuple(int(x) for x in k): float(np.asarray(v).reshape(-1)[0]) for k, v in zip(attr.keys, attr.values)}
+                scf = {
+                    tuple(int(x) for x in k): float(np.asarray(v).reshape(-1)[0])
+                    for k, v in zip(attr.keys, attr.values)
+                }
             for key, value in zip(target.keys, np.asarray(target.values, float).reshape(len(target.keys), -1)[:, 0]):
                 if not np.isfinite(value):
                     continue
@@ -125,7 +130,9 @@ def label_table(record, indices: Iterable[int] | None = None, flags: Mapping[int
 
 
 # ----------------------------------------------------------------------------- splits
-def material_splits(record, flags: Mapping[int, Any] | None = None, materials: Sequence[str] | None = None) -> list[dict]:
+def material_splits(
+    record, flags: Mapping[int, Any] | None = None, materials: Sequence[str] | None = None
+) -> list[dict]:
     """One split per held-out material (all materials, or ``materials``): ``{"material", "train": [indices of every
     other material's samples], "test": [its samples]}``; flagged samples are in neither."""
     flags = flags or {}
@@ -143,7 +150,9 @@ def material_splits(record, flags: Mapping[int, Any] | None = None, materials: S
              "test": list(by_material[m])} for m in names]
 
 
-def validation_split(record, train: Sequence[int], fraction: float = 0.25, seed: int = 0) -> tuple[list[int], list[int], str]:
+def validation_split(
+    record, train: Sequence[int], fraction: float = 0.25, seed: int = 0
+) -> tuple[list[int], list[int], str]:
     """``(fit, validation, unit)``: the training samples split by *material* (a seeded ``fraction`` of the training
     materials, at least one) so that model selection sees materials it did not fit; with one training material, by
     DFT cell (strain) instead; with one cell, no validation (``unit`` ``"none"``)."""
@@ -226,7 +235,9 @@ def errors(truth, pred) -> dict:
 
 def pooled_errors(rows: Sequence[dict], field: str) -> dict[str, dict]:
     """``{"U": errors, "V": errors}`` of ``row[field]`` against ``row["truth"]``."""
-    return {kind: errors([r["truth"] for r in _by(rows, kind)], [r[field] for r in _by(rows, kind)]) for kind in ("U", "V")}
+    return {
+        kind: errors([r["truth"] for r in _by(rows, kind)], [r[field] for r in _by(rows, kind)]) for kind in ("U", "V")
+    }
 
 
 def distinct_v_couples(sample, symprec: float = 1e-3) -> int:

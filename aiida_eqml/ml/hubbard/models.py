@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import e3nn_jax as e3nn
 import numpy as np
@@ -85,7 +86,13 @@ def hubbard_model_config(
         raise ValueError("a Hubbard model must predict U, V or both")
     config = copy.deepcopy(SMALL_HUBBARD_CONFIG)
     config.update(
-        {"species": list(species), "cutoff": float(cutoff), "node_attrs": node_attrs, "edge_attrs": edge_attrs, "heads": heads}
+        {
+            "species": list(species),
+            "cutoff": float(cutoff),
+            "node_attrs": node_attrs,
+            "edge_attrs": edge_attrs,
+            "heads": heads,
+        }
     )
     config.update(copy.deepcopy(overrides))
     return config
@@ -112,11 +119,15 @@ def _descriptor_dataset(record: Dataset, group) -> Dataset:
 
     if all(SITE_ATTR in s.node_attrs for s in record.samples):
         return record
-    manifold_ls, pair_ls = descriptor_slots(record, group.metadata.get("hubbard"), with_pairs=PAIR_ATTR in group.edge_attrs)
+    manifold_ls, pair_ls = descriptor_slots(
+        record, group.metadata.get("hubbard"), with_pairs=PAIR_ATTR in group.edge_attrs
+    )
     try:
         dataset, attrs = hubbard_training_dataset(record, manifold_ls, pair_ls)
     except ValueError as exc:
-        raise PredictionError(f"the occupations cannot be read as this model's descriptors: {exc}", f"node_attrs.{SITE_ATTR}") from exc
+        raise PredictionError(
+            f"the occupations cannot be read as this model's descriptors: {exc}", f"node_attrs.{SITE_ATTR}"
+        ) from exc
     for level, declared in (("node_attrs", group.node_attrs), ("edge_attrs", group.edge_attrs)):
         for name, irreps in declared.items():
             if name in (SITE_ATTR, PAIR_ATTR) and e3nn.Irreps(attrs[level].get(name, "")) != e3nn.Irreps(irreps):
@@ -127,7 +138,9 @@ def _descriptor_dataset(record: Dataset, group) -> Dataset:
     return dataset
 
 
-def hubbard_predictions(predictor, record: Dataset, members: bool = False, graphs: Sequence | None = None) -> list[dict]:
+def hubbard_predictions(
+    predictor, record: Dataset, members: bool = False, graphs: Sequence | None = None
+) -> list[dict]:
     """Per sample ``{"hubbard_u": [n] eV (NaN on atoms without a manifold), "hubbard_v": [M] eV, "hubbard_v_keys":
     [M, 5]}`` with ``_std`` (population, 0 for one member), or ``[members, ...]`` arrays with ``members=True``.
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import e3nn_jax as e3nn
 import jax
@@ -87,7 +87,7 @@ def qe_to_e3nn_matrix(l: int) -> np.ndarray:
     return _qe_to_e3nn_matrix(int(l))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _qe_to_e3nn_matrix(l: int) -> np.ndarray:
     """Orthogonal ``T`` with ``Y_e3nn(r) = T @ Y_qe(r)`` (e3nn-jax, ``normalization="integral"``).
 
@@ -125,7 +125,9 @@ def qe_wigner_matrix(l: int, rotation) -> np.ndarray:
     l = int(l)
     t = qe_to_e3nn_matrix(l)
     with jax.ensure_compile_time_eval():
-        d = np.asarray(e3nn.Irrep(l, _parity(l)).D_from_matrix(jnp.asarray(rotation, dtype=jnp.float32)), dtype=np.float64)
+        d = np.asarray(
+            e3nn.Irrep(l, _parity(l)).D_from_matrix(jnp.asarray(rotation, dtype=jnp.float32)), dtype=np.float64
+        )
     return t.T @ d @ t
 
 
@@ -134,7 +136,8 @@ def to_e3nn_basis(block, l1: int, l2: int):
     block = jnp.asarray(block)
     if block.shape[-2:] != (2 * l1 + 1, 2 * l2 + 1):
         raise ValueError(
-            f"occupation block has trailing shape {block.shape[-2:]}, expected {(2 * l1 + 1, 2 * l2 + 1)} for l1={l1}, l2={l2}"
+            f"occupation block has trailing shape {block.shape[-2:]}, expected {(2 * l1 + 1, 2 * l2 + 1)} "
+            f"for l1={l1}, l2={l2}"
         )
     t1 = jnp.asarray(qe_to_e3nn_matrix(l1), dtype=block.dtype)
     t2 = jnp.asarray(qe_to_e3nn_matrix(l2), dtype=block.dtype)
@@ -179,7 +182,9 @@ def spin_invariant_irreps(up: e3nn.IrrepsArray, down: e3nn.IrrepsArray, max_l: i
         raise ValueError(f"spin channels have different irreps: {up.irreps} vs {down.irreps}")
     mean = (up + down) * 0.5
     filt = _even_l_filter(max_l)
-    product = (e3nn.tensor_product(up, down, filter_ir_out=filt) + e3nn.tensor_product(down, up, filter_ir_out=filt)) * 0.5
+    product = (
+        e3nn.tensor_product(up, down, filter_ir_out=filt) + e3nn.tensor_product(down, up, filter_ir_out=filt)
+    ) * 0.5
     return e3nn.concatenate([mean, product])
 
 

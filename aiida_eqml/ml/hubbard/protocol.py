@@ -16,9 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-__all__ = ('REFERENCE_PROTOCOL', 'LABEL_DEFINING_FIELDS', 'protocol_fingerprint', 'protocol_differences', 'record_protocol')
+__all__ = (
+    'REFERENCE_PROTOCOL',
+    'LABEL_DEFINING_FIELDS',
+    'protocol_fingerprint',
+    'protocol_differences',
+    'record_protocol',
+)
 
 REFERENCE_PROTOCOL: dict[str, Any] = {
     'name': 'eqml-hubbard-reference-v1',

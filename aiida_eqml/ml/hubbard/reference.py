@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from aiida_eqml.ml.ensemble import ENSEMBLE_MANIFEST
+
 __all__ = [
     "REFERENCE_MODELS",
     "REFERENCE_DIR",
@@ -42,7 +44,6 @@ REFERENCE_MODELS: dict[str, str] = {
                    "docs/hubbard.md, 'Reference data and model')",
 }
 
-_MANIFEST = "ensemble.json"
 _RECORD = "record.npz"
 _BUILD = "benchmarks/hubbard_reference_model.py"
 
@@ -64,7 +65,7 @@ def available_reference_models() -> list[str]:
     root = _directory()
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / _MANIFEST).is_file())
+    return sorted(p.name for p in root.iterdir() if (p / ENSEMBLE_MANIFEST).is_file())
 
 
 def reference_model_path(name: str) -> Path:
@@ -73,7 +74,7 @@ def reference_model_path(name: str) -> Path:
     if not isinstance(name, str) or not name or os.sep in name or name.startswith("."):
         raise UnknownReferenceModelError(f"{name!r} is not a reference model name; known: {sorted(REFERENCE_MODELS)}")
     path = _directory() / name
-    if (path / _MANIFEST).is_file():
+    if (path / ENSEMBLE_MANIFEST).is_file():
         return path
     available = available_reference_models()
     if name not in REFERENCE_MODELS:
@@ -81,7 +82,8 @@ def reference_model_path(name: str) -> Path:
             f"unknown reference model {name!r}; known: {sorted(REFERENCE_MODELS)}, with data in this installation: "
             f"{available or 'none'}")
     raise ReferenceDataMissingError(
-        f"reference model {name!r} is known but its data is not in this installation ({path / _MANIFEST} is missing): "
+        f"reference model {name!r} is known but its data is not in this installation "
+        f"({path / ENSEMBLE_MANIFEST} is missing): "
         f"it is written by `python {_BUILD}` once the label campaign has enough labels (docs/hubbard.md, "
         f"'Reference data and model'); with data here: {available or 'none'}")
 
@@ -90,7 +92,7 @@ def reference_metadata(name: str) -> dict[str, Any]:
     """The ``metadata`` of the reference's ``ensemble.json`` (protocol, species, manifolds, training materials,
     measured errors, ...) plus ``name`` and ``path``."""
     path = reference_model_path(name)
-    with open(path / _MANIFEST) as handle:
+    with open(path / ENSEMBLE_MANIFEST) as handle:
         manifest = json.load(handle)
     return {**dict(manifest.get("metadata") or {}), "name": name, "path": str(path)}
 
@@ -98,12 +100,14 @@ def reference_metadata(name: str) -> dict[str, Any]:
 def reference_member_files(name: str) -> list[Path]:
     """The member model files of a reference, in manifest order (for importing them as ``eqml.model`` nodes)."""
     path = reference_model_path(name)
-    with open(path / _MANIFEST) as handle:
+    with open(path / ENSEMBLE_MANIFEST) as handle:
         manifest = json.load(handle)
     files = [path / entry["file"] for entry in manifest.get("members") or []]
     missing = [f.name for f in files if not f.is_file()]
     if missing or not files:
-        raise ReferenceDataMissingError(f"reference model {name!r}: member files {missing or '(none listed)'} are missing in {path}")
+        raise ReferenceDataMissingError(
+            f"reference model {name!r}: member files {missing or '(none listed)'} are missing in {path}"
+        )
     return files
 
 

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from aiida_eqml.ml.dataset import Dataset, EdgeValues
 from aiida_eqml.ml.hubbard.models import hubbard_model_config
-from aiida_eqml.ml.hubbard.records import HUBBARD_TARGET_SPECS, RAW_NODE_ATTRS, hubbard_training_dataset, record_manifolds
+from aiida_eqml.ml.hubbard.records import (
+    HUBBARD_TARGET_SPECS,
+    RAW_NODE_ATTRS,
+    hubbard_training_dataset,
+    record_manifolds,
+)
 
 __all__ = ("is_hubbard_record", "descriptor_slots", "scf_values", "residual_targets", "add_scf_values",
            "prepare_hubbard_training")
@@ -68,7 +74,9 @@ def residual_targets(dataset: Dataset) -> Dataset:
             node_targets["hubbard_u"] = u - scf_values(s, "U").reshape(u.shape)
         if "hubbard_v" in edge_targets:
             v = edge_targets["hubbard_v"]
-            edge_targets["hubbard_v"] = EdgeValues(v.keys, v.values - scf_values(s, "V", v.keys).reshape(v.values.shape))
+            edge_targets["hubbard_v"] = EdgeValues(
+                v.keys, v.values - scf_values(s, "V", v.keys).reshape(v.values.shape)
+            )
         samples.append(dataclasses.replace(s, node_targets=node_targets, edge_targets=edge_targets))
     return Dataset(samples, dataset.target_specs)
 
@@ -106,7 +114,9 @@ def prepare_hubbard_training(
         raise ValueError(f"unknown hubbard training keys {sorted(unknown)}; known: ['residual']")
     residual = bool(parent_slots.get("residual", options.get("residual", False)))
     if parent_metadata is not None and "residual" in options and bool(options["residual"]) != residual:
-        raise ValueError(f"hubbard.residual: {options['residual']!r}, but the parent model was trained with {residual!r}")
+        raise ValueError(
+            f"hubbard.residual: {options['residual']!r}, but the parent model was trained with {residual!r}"
+        )
     manifold_ls, pair_ls = descriptor_slots(record, parent_slots)
     dataset, attrs = hubbard_training_dataset(record, manifold_ls, pair_ls)
     if residual:

@@ -22,7 +22,6 @@ import pathlib
 import re
 
 import numpy as np
-
 from aiida import orm
 from aiida.engine import WorkChain, while_
 from aiida_quantumespresso.workflows.protocols.utils import ProtocolMixin
@@ -136,7 +135,9 @@ class LabelsWorkChain(ProtocolMixin, WorkChain):
             cls.run_harvest,
             cls.results,
         )
-        spec.output('dataset', valid_type=EqmlDatasetData, help='The eqml.dataset with one sample per harvested label set.')
+        spec.output(
+            'dataset', valid_type=EqmlDatasetData, help='The eqml.dataset with one sample per harvested label set.'
+        )
         spec.exit_code(300, 'ERROR_NO_STRUCTURES', message='No structures were given in the `structures` namespace.')
         spec.exit_code(301, 'ERROR_INVALID_STRUCTURE', message='Structure `{key}` cannot be labelled: {reason}')
         spec.exit_code(302, 'ERROR_INVALID_PARAMETERS', message='The DFT parameters cannot give these labels: {reason}')
@@ -144,7 +145,9 @@ class LabelsWorkChain(ProtocolMixin, WorkChain):
             401, 'ERROR_SUB_PROCESS_FAILED', message='The sub-process(es) of structure(s) {failed} failed: {details}'
         )
         spec.exit_code(
-            402, 'ERROR_NOTHING_TO_HARVEST', message='No sub-process produced usable labels, nothing to harvest: {details}'
+            402,
+            'ERROR_NOTHING_TO_HARVEST',
+            message='No sub-process produced usable labels, nothing to harvest: {details}',
         )
         spec.exit_code(403, 'ERROR_HARVEST_FAILED', message='Harvesting the labels failed: {details}')
 

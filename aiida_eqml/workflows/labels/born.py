@@ -125,8 +125,12 @@ class BornLabelsWorkChain(LabelsWorkChain):
     @classmethod
     def define(cls, spec):
         super().define(spec)
-        spec.expose_inputs(PwBaseWorkChain, namespace='scf', exclude=_SCF_EXCLUDE,
-                           namespace_options={'help': 'Inputs of the pw.x scf of every structure (pseudos by element).'})
+        spec.expose_inputs(
+            PwBaseWorkChain,
+            namespace='scf',
+            exclude=_SCF_EXCLUDE,
+            namespace_options={'help': 'Inputs of the pw.x scf of every structure (pseudos by element).'},
+        )
         spec.expose_inputs(PhBaseWorkChain, namespace='ph', exclude=_PH_EXCLUDE,
                            namespace_options={'help': 'Inputs of ph.x (epsil=.true., trans=.false.; q = Gamma).'})
         spec.input('clean_workdir', valid_type=orm.Bool, default=lambda: orm.Bool(False),
