@@ -32,8 +32,8 @@ import numpy as np
 HERE = pathlib.Path(__file__).resolve().parent
 DATA = HERE / 'data' / 'hubbard_campaign'
 EXTRA = 'eqml_hubbard_campaign'  # extras key on each submitted work chain: its cell key
-#: Bumped when the cells' definition changes (3: U+V cells with U on every TM site and TM-O V, no U on O 2p), so that work
-#: chains of an older definition in the profile are not taken for this one.
+#: Bumped when the cells' definition changes (3: U+V cells with U on every TM site and TM-O V, no U on O 2p), so
+#: that work chains of an older definition in the profile are not taken for this one.
 VERSION = 3
 #: Strains of each material, in the order the campaign runs them: first every material at a0 (breadth first),
 #: then the strained cells.
@@ -163,7 +163,6 @@ def recover(key: str, node):
 def export(key: str, name: str, strain: float, node) -> str:
     """Write ``<key>.npz`` (labels) and ``<key>.json`` (metadata) of a terminated cell; returns its state."""
     from aiida_eqml.local.hubbard_materials import MATERIALS
-    from aiida_eqml.ml.dataset import Dataset
     from aiida_eqml.ml.hubbard.protocol import REFERENCE_PROTOCOL, protocol_fingerprint
 
     material = MATERIALS[name]
@@ -241,7 +240,10 @@ def run(args) -> None:
                 if node.is_terminated:
                     status = export(key, name, strain, node)
                     wall = wall_time(node)
-                    print(f'{time.strftime("%H:%M:%S")} {key}: {status} (exit {node.exit_status}) in {wall:.0f} s', flush=True)
+                    print(
+                        f'{time.strftime("%H:%M:%S")} {key}: {status} (exit {node.exit_status}) in {wall:.0f} s',
+                        flush=True,
+                    )
                     del in_flight[key]
         except OperationalError as exc:  # SQLite busy (another process writing): the next poll reads again
             print(f'{time.strftime("%H:%M:%S")} storage busy, polling again: {str(exc).splitlines()[0]}', flush=True)
@@ -254,7 +256,7 @@ def run(args) -> None:
 def show_plan(args) -> None:
     if args.markdown:
         return markdown_table()
-    for key, name, strain in plan():
+    for key, _name, _strain in plan():
         extra = ''
         if (DATA / f'{key}.json').exists():
             meta = json.loads((DATA / f'{key}.json').read_text())
@@ -267,9 +269,10 @@ def markdown_table() -> None:
     from aiida_eqml.ml.dataset import Dataset
     from aiida_eqml.ml.hubbard.records import hubbard_label_issues
 
-    print('| cell | type | iterations | wall (s) | scf smearing / fixed / hp.x per iteration (s) | gap (eV) | U (eV) per iteration | V (eV) | flagged |')
+    print('| cell | type | iterations | wall (s) | scf smearing / fixed / hp.x per iteration (s) | gap (eV) '
+          '| U (eV) per iteration | V (eV) | flagged |')
     print('|---|---|---|---|---|---|---|---|---|')
-    for key, name, strain in plan():
+    for key, _name, _strain in plan():
         if state(key) != 'done':
             continue
         meta = json.loads((DATA / f'{key}.json').read_text())
@@ -279,7 +282,10 @@ def markdown_table() -> None:
         for step in meta['steps']:
             kind = step['step'].split('_', 2)[-1].replace('_magnetic', '')
             steps.setdefault(kind, []).append(step['wall_s'])
-        timing = ' / '.join(f"{sum(v) / len(v):.0f}" for k, v in sorted(steps.items(), key=lambda kv: ('smearing' not in kv[0], 'hp' in kv[0])))
+        timing = ' / '.join(
+            f"{sum(v) / len(v):.0f}"
+            for k, v in sorted(steps.items(), key=lambda kv: ('smearing' not in kv[0], 'hp' in kv[0]))
+        )
         u = ', '.join(f"{np.nanmax(s.node_targets['hubbard_u']):.2f}" for s in samples)
         v = samples[-1].edge_targets.get('hubbard_v')
         v_text = f"{float(np.mean(v.values)):.2f}" if v is not None and len(v.keys) else '-'
@@ -346,7 +352,12 @@ def summary(args) -> None:
                 counts['u'] += n_u
                 counts['v'] += n_v
                 counts['v_distinct'] += n_distinct
-                for field, value in (('hp_runs', 1), ('u_labels', n_u), ('v_labels', n_v), ('v_distinct_labels', n_distinct)):
+                for field, value in (
+                    ('hp_runs', 1),
+                    ('u_labels', n_u),
+                    ('v_labels', n_v),
+                    ('v_distinct_labels', n_distinct),
+                ):
                     totals[field] += value
                     if usable:
                         totals[field.replace('_labels', '_usable') if field != 'hp_runs' else 'hp_runs_usable'] += value
@@ -367,11 +378,14 @@ def summary(args) -> None:
         'totals': totals, 'cells': cells,
     }
     SUMMARY.write_text(json.dumps(payload, indent=1) + '\n')
-    print(f"{len(cells)} cells: {sum(c['state'] == 'done' for c in cells)} done, {sum(c['state'] == 'failed' for c in cells)} "
-          f"failed; {totals['hp_runs']} hp.x runs ({totals['hp_runs_usable']} usable); U {totals['u_usable']} usable of "
-          f"{totals['u_labels']}; V {totals['v_usable']} usable of {totals['v_labels']}, symmetry-distinct "
-          f"{totals['v_distinct_usable']} usable of {totals['v_distinct_labels']}; {len(materials)} materials with usable "
-          f"labels; targets met: {met} -> {SUMMARY}")
+    print(
+        f"{len(cells)} cells: {sum(c['state'] == 'done' for c in cells)} done, "
+        f"{sum(c['state'] == 'failed' for c in cells)} failed; {totals['hp_runs']} hp.x runs "
+        f"({totals['hp_runs_usable']} usable); U {totals['u_usable']} usable of {totals['u_labels']}; "
+        f"V {totals['v_usable']} usable of {totals['v_labels']}, symmetry-distinct {totals['v_distinct_usable']} "
+        f"usable of {totals['v_distinct_labels']}; {len(materials)} materials with usable "
+        f"labels; targets met: {met} -> {SUMMARY}"
+    )
 
 
 def main(argv=None) -> None:

@@ -48,10 +48,18 @@ def training_config(args, size: str, epochs: int, n_samples: int, residual: bool
         **({"hubbard": {"residual": True}} if residual else {}),
         "epochs": int(epochs),
         "batch_size": min(args.batch_size, n_samples),
-        "split": {"train": list(range(n_samples)), "val": [], "test": []},  # every usable label: errors come from the LOMO evaluation
+        "split": {
+            "train": list(range(n_samples)),
+            "val": [],
+            "test": [],
+        },  # every usable label: errors come from the LOMO evaluation
         "seed": args.seed,
-        "optimizer": {"learning_rate": args.learning_rate, "schedule": "cosine", "decay_rate": 0.02,
-                      "warmup_epochs": min(10, int(epochs) // 10)},
+        "optimizer": {
+            "learning_rate": args.learning_rate,
+            "schedule": "cosine",
+            "decay_rate": 0.02,
+            "warmup_epochs": min(10, int(epochs) // 10),
+        },
         "early_stopping": {"patience": 0},
         "progress": False,
     }
@@ -87,7 +95,9 @@ def train_in_process(record_path: Path, config: dict, seeds: list[int], work: Pa
         code = train_command(record_path, config_path, run, progress=False)
         metrics = json.loads((run / "metrics.json").read_text())
         if code != 0:
-            raise SystemExit(f"member seed {seed}: train_cli exit {code}: {metrics.get('status')}: {metrics.get('message')}")
+            raise SystemExit(
+                f"member seed {seed}: train_cli exit {code}: {metrics.get('status')}: {metrics.get('message')}"
+            )
         print(f"  member seed {seed}: {metrics['epochs_run']} epochs in {time.time() - t0:.0f} s", flush=True)
         files.append(run / "model.eqml")
     return files
@@ -121,7 +131,12 @@ def train_with_aiida(args, record, config: dict, seeds: list[int], work: Path) -
         model.export(path)
         files.append(path)
     print(f"  eqml.train.ensemble <{node.pk}>: models {[node.outputs.models[f'seed_{s}'].pk for s in seeds]}")
-    return files, {"workchain_pk": node.pk, "workchain_uuid": node.uuid, "dataset_uuid": dataset.uuid, "profile": args.profile}
+    return files, {
+        "workchain_pk": node.pk,
+        "workchain_uuid": node.uuid,
+        "dataset_uuid": dataset.uuid,
+        "profile": args.profile,
+    }
 
 
 def write_archive(args, out: Path, extra_uuids=()) -> Path:
@@ -165,9 +180,11 @@ def readme(meta: dict, name: str) -> str:
         f" ({meta['hyperparameters_from']}), trained {meta['trained_with']}",
     ]
     if summary:
-        lines.append(f"* measured errors (leave-one-material-out, {errors.get('source')}): MARE U {summary.get('mare_u')},"
-                     f" MARE V {summary.get('mare_v')}; best baseline U {summary.get('mare_u_best_baseline')},"
-                     f" V {summary.get('mare_v_best_baseline')}")
+        lines.append(
+            f"* measured errors (leave-one-material-out, {errors.get('source')}): MARE U {summary.get('mare_u')},"
+            f" MARE V {summary.get('mare_v')}; best baseline U {summary.get('mare_u_best_baseline')},"
+            f" V {summary.get('mare_v_best_baseline')}"
+        )
     else:
         lines.append("* measured errors: none recorded (run benchmarks/hubbard_uv.py evaluate and pass --evaluation)")
     return "\n".join(lines) + "\n"
@@ -177,8 +194,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--labels", nargs="+", default=None, help="npz files or directories (default: the campaign's)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--name", default=None, help="reference name in the metadata (default: the --out directory name)")
-    parser.add_argument("--evaluation", type=Path, default=None, help="hubbard_uv.json whose errors describe this model")
+    parser.add_argument(
+        "--name", default=None, help="reference name in the metadata (default: the --out directory name)"
+    )
+    parser.add_argument(
+        "--evaluation", type=Path, default=None, help="hubbard_uv.json whose errors describe this model"
+    )
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=sorted(SIZES), default=None)
@@ -223,10 +244,12 @@ def main(argv=None) -> None:
     size, epochs, residual, source = selected_hyperparameters(evaluation, args)
     seeds = [args.seed + k for k in range(args.members)]
     config = training_config(args, size, epochs, len(train_record), residual)
-    print(f"{len(record)} labels from {len(files)} files, {len(flags)} flagged; training on {len(usable)} "
-          f"({sum(r['kind'] == 'U' for r in rows)} U, {sum(r['kind'] == 'V' for r in rows)} V) of {len(materials)} "
-          f"materials; {args.members} x {size}/{epochs} epochs, residual {residual} ({source}); held out {args.hold_out}",
-          flush=True)
+    print(
+        f"{len(record)} labels from {len(files)} files, {len(flags)} flagged; training on {len(usable)} "
+        f"({sum(r['kind'] == 'U' for r in rows)} U, {sum(r['kind'] == 'V' for r in rows)} V) of {len(materials)} "
+        f"materials; {args.members} x {size}/{epochs} epochs, residual {residual} ({source}); held out {args.hold_out}",
+        flush=True,
+    )
 
     out = args.out.resolve()
     with tempfile.TemporaryDirectory(prefix="hubbard-reference-") as scratch:
@@ -302,10 +325,16 @@ def main(argv=None) -> None:
     }
     if evaluation:
         meta["errors"] = {
-            "source": os.path.relpath(args.evaluation.resolve(), ROOT) if str(args.evaluation.resolve()).startswith(str(ROOT)) else str(args.evaluation),
-            "command": evaluation.get("command"), "commit": evaluation.get("commit"), "summary": evaluation.get("summary"),
-            "per_material": [{k: e.get(k) for k in ("material", "n_test", "mae_u", "mare_u", "mae_v", "mare_v")}
-                             for e in evaluation.get("leave_one_material_out", [])],
+            "source": os.path.relpath(args.evaluation.resolve(), ROOT)
+            if str(args.evaluation.resolve()).startswith(str(ROOT))
+            else str(args.evaluation),
+            "command": evaluation.get("command"),
+            "commit": evaluation.get("commit"),
+            "summary": evaluation.get("summary"),
+            "per_material": [
+                {k: e.get(k) for k in ("material", "n_test", "mae_u", "mare_u", "mae_v", "mare_v")}
+                for e in evaluation.get("leave_one_material_out", [])
+            ],
         }
         if sorted(set(evaluation.get("materials", [])) - set(args.hold_out)) != materials:
             print(f"warning: the evaluation's materials {evaluation.get('materials')} differ from the training "
@@ -322,8 +351,11 @@ def main(argv=None) -> None:
     ensemble = Ensemble.load(out)
     predictions = ensemble.predict(Dataset.load(out / "record.npz").subset(usable[:2]))
     total = sum(p.stat().st_size for p in out.iterdir()) / 2**20
-    print(f"wrote {out}: {len(entries)} members, {total:.2f} MB; first sample U = "
-          f"{np.round(predictions[0]['hubbard_u'][0], 3).tolist()} +- {np.round(predictions[0]['hubbard_u'][1], 3).tolist()}")
+    print(
+        f"wrote {out}: {len(entries)} members, {total:.2f} MB; first sample U = "
+        f"{np.round(predictions[0]['hubbard_u'][0], 3).tolist()} "
+        f"+- {np.round(predictions[0]['hubbard_u'][1], 3).tolist()}"
+    )
     if total > args.max_mb:
         raise SystemExit(f"{out} is {total:.1f} MB, over the {args.max_mb} MB budget")
 

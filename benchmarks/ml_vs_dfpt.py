@@ -49,8 +49,9 @@ def _mare(ml: dict, dfpt: dict):
 
 def dfpt_from_campaign(key: str):
     """The campaign's DFPT loop of ``key``: wall time, per-iteration U/V and the state of the last scf."""
-    from aiida_eqml.ml.dataset import Dataset
     from hubbard_campaign import DATA
+
+    from aiida_eqml.ml.dataset import Dataset
 
     meta = json.loads((DATA / f'{key}.json').read_text())
     record = Dataset.load(DATA / f'{key}.npz')
@@ -60,7 +61,10 @@ def dfpt_from_campaign(key: str):
         v = {}
         if 'hubbard_v' in sample.edge_targets:
             edge = sample.edge_targets['hubbard_v']
-            v = {(int(k[0]), int(k[1]), tuple(int(t) for t in k[2:])): float(x) for k, x in zip(edge.keys, edge.values[:, 0])}
+            v = {
+                (int(k[0]), int(k[1]), tuple(int(t) for t in k[2:])): float(x)
+                for k, x in zip(edge.keys, edge.values[:, 0])
+            }
         iterations.append({'u': u, 'v': v, 'info': sample.info})
     last = iterations[-1]['info']
     return {'wall_s': meta['wall_s'], 'iterations': iterations, 'u': iterations[-1]['u'], 'v': iterations[-1]['v'],
@@ -116,7 +120,9 @@ def ml_summary(name: str, node, wall: float | None = None):
     results = node.outputs
     wall = (node.mtime - node.ctime).total_seconds() if wall is None else wall
     history = results['history'].get_list()
-    scf_s = sum(step['wall_s'] for record in history for name_, step in record['steps'].items() if name_.startswith('scf'))
+    scf_s = sum(
+        step['wall_s'] for record in history for name_, step in record['steps'].items() if name_.startswith('scf')
+    )
     iterations = []
     for record in history:
         iterations.append({
@@ -125,9 +131,17 @@ def ml_summary(name: str, node, wall: float | None = None):
                   for row in record['parameters'] if row['kind'] == 'V'}})
     last = history[-1]
     first_prediction = history[0]['steps'].get('prediction', {}).get('wall_s')
-    return {'wall_s': wall, 'scf_s': scf_s, 'first_prediction_s': first_prediction, 'iterations': iterations, 'u': _onsite(results['hubbard_structure']),
-            'v': _intersite(results['hubbard_structure']), 'absolute_magnetization': last['absolute_magnetization'],
-            'band_gap_ev': last['band_gap_ev'], 'pk': node.pk}
+    return {
+        'wall_s': wall,
+        'scf_s': scf_s,
+        'first_prediction_s': first_prediction,
+        'iterations': iterations,
+        'u': _onsite(results['hubbard_structure']),
+        'v': _intersite(results['hubbard_structure']),
+        'absolute_magnetization': last['absolute_magnetization'],
+        'band_gap_ev': last['band_gap_ev'],
+        'pk': node.pk,
+    }
 
 
 def plot(rows: list[dict], path: pathlib.Path) -> None:
@@ -154,7 +168,9 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--materials', required=True, help='comma-separated names of aiida_eqml.local.hubbard_materials')
+    parser.add_argument(
+        '--materials', required=True, help='comma-separated names of aiida_eqml.local.hubbard_materials'
+    )
     parser.add_argument('--model', action='append', default=None, help='eqml.model pk, model file or reference name')
     parser.add_argument('--reuse-campaign', nargs='?', const='all', default=None, metavar='MATERIALS',
                         help='take the DFPT loop from the label campaign: for every material, or for these '
@@ -211,20 +227,34 @@ def main(argv=None) -> None:
         load_after = os.getloadavg()[0]
         n_atoms = len(MATERIALS[name].sites()[1])
         moment = dfpt['absolute_magnetization']
-        rows.append({
-            'material': name, 'n_atoms': n_atoms, 'dfpt_s': dfpt['wall_s'], 'ml_s': ml['wall_s'],
-            'speedup': dfpt['wall_s'] / ml['wall_s'], 'ml_over_scf_floor': ml['wall_s'] / ml['scf_s'],
-            'mare_u': _mare(ml['u'], dfpt['u']), 'mare_v': _mare(ml['v'], dfpt['v']),
-            'd_moment_rel': abs(ml['absolute_magnetization'] - moment) / moment if moment > 0.1 else None,
-            'd_gap_ev': abs(ml['band_gap_ev'] - dfpt['band_gap_ev']),
-            'iterations_ml': len(ml['iterations']), 'iterations_dfpt': len(dfpt['iterations']),
-            'dfpt_source': dfpt['source'], 'dfpt_reused': reuse, 'ml_workchain_pk': ml['pk'],
-            'ml_reused': name in ml_nodes,
-            # 1-min load average of the machine (2 cores) before / after each loop: the times are only comparable
-            # at similar load (a reused campaign loop ran with another cell beside it)
-            'load_average': {'dfpt': None if reuse else [load_before, load_between], 'ml': None if name in ml_nodes else [load_between, load_after]},
-            'ml_first_prediction_s': ml['first_prediction_s'], '_runs': {'dfpt': dfpt, 'ml': ml},
-        })
+        rows.append(
+            {
+                'material': name,
+                'n_atoms': n_atoms,
+                'dfpt_s': dfpt['wall_s'],
+                'ml_s': ml['wall_s'],
+                'speedup': dfpt['wall_s'] / ml['wall_s'],
+                'ml_over_scf_floor': ml['wall_s'] / ml['scf_s'],
+                'mare_u': _mare(ml['u'], dfpt['u']),
+                'mare_v': _mare(ml['v'], dfpt['v']),
+                'd_moment_rel': abs(ml['absolute_magnetization'] - moment) / moment if moment > 0.1 else None,
+                'd_gap_ev': abs(ml['band_gap_ev'] - dfpt['band_gap_ev']),
+                'iterations_ml': len(ml['iterations']),
+                'iterations_dfpt': len(dfpt['iterations']),
+                'dfpt_source': dfpt['source'],
+                'dfpt_reused': reuse,
+                'ml_workchain_pk': ml['pk'],
+                'ml_reused': name in ml_nodes,
+                # 1-min load average of the machine (2 cores) before / after each loop: the times are only comparable
+                # at similar load (a reused campaign loop ran with another cell beside it)
+                'load_average': {
+                    'dfpt': None if reuse else [load_before, load_between],
+                    'ml': None if name in ml_nodes else [load_between, load_after],
+                },
+                'ml_first_prediction_s': ml['first_prediction_s'],
+                '_runs': {'dfpt': dfpt, 'ml': ml},
+            }
+        )
         print(f'{name}: DFPT {dfpt["wall_s"]:.0f} s, ML {ml["wall_s"]:.0f} s', flush=True)
     commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=HERE).stdout.strip()
     plot(rows, pathlib.Path(args.out).with_suffix('.png'))
@@ -235,7 +265,8 @@ def main(argv=None) -> None:
         'materials': [{k: v for k, v in row.items() if not k.startswith('_')} for row in rows],
     }
     pathlib.Path(args.out).write_text(json.dumps(payload, indent=1) + '\n')
-    print('\n| material | atoms | DFPT s | ML s | speedup | ML / scf floor | MARE U | MARE V | d moment | d gap eV | it ML/DFPT |')
+    print('\n| material | atoms | DFPT s | ML s | speedup | ML / scf floor | MARE U | MARE V | d moment | d gap eV '
+          '| it ML/DFPT |')
     print('|---|---|---|---|---|---|---|---|---|---|---|')
     fmt = lambda x, p='.3f': '-' if x is None else format(x, p)  # noqa: E731
     for r in payload['materials']:

@@ -12,7 +12,7 @@ The geometry is built with ASE; :func:`hubbard_structure` turns it into an (unst
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -90,7 +90,9 @@ def _layered_r3m(metal: str, a: float, c: float, z: float, lithiated: bool, pare
 
     def sites():
         inverse = np.linalg.inv(cell)
-        return cell, [(s, k, tuple(float(x) for x in (np.dot(np.mod(np.dot(r, inverse), 1.0), cell)))) for s, k, r in cartesian]
+        return cell, [
+            (s, k, tuple(float(x) for x in (np.dot(np.mod(np.dot(r, inverse), 1.0), cell)))) for s, k, r in cartesian
+        ]
 
     return sites
 
@@ -108,7 +110,9 @@ def _layered_r3m_mixed(first: str, second: str, a: float, c: float, z: float):
             for symbol, kind, position in atoms:
                 if copy and symbol == first:
                     symbol, kind = second, second
-                doubled.append((symbol, kind, tuple(float(x) for x in np.asarray(position) + copy * np.asarray(cell[0]))))
+                doubled.append(
+                    (symbol, kind, tuple(float(x) for x in np.asarray(position) + copy * np.asarray(cell[0])))
+                )
         order = {first: 0, second: 0}
         return supercell, sorted(doubled, key=lambda site: order.get(site[0], 1))
 
@@ -156,34 +160,85 @@ def _ruddlesden_popper_n2(metal: str, a_site: str, a: float, c: float, z_a: floa
 def _materials() -> dict[str, HubbardMaterial]:
     items = [
         # Rock salt, AFM-II (the magnetic ground state of MnO, FeO, CoO, NiO), U only.
-        *[HubbardMaterial(f'{m}O-rocksalt-afm2', 'rocksalt', m, 'afm', 'U', _rocksalt_afm2(m, a))
-          for m, a in (('Mn', 4.445), ('Fe', 4.334), ('Co', 4.263), ('Ni', 4.17))],
+        *[
+            HubbardMaterial(f'{m}O-rocksalt-afm2', 'rocksalt', m, 'afm', 'U', _rocksalt_afm2(m, a))
+            for m, a in (('Mn', 4.445), ('Fe', 4.334), ('Co', 4.263), ('Ni', 4.17))
+        ],
         # Rock salt FM where it is insulating at this protocol (docs/hubbard.md: NiO, MnO), U only.
-        *[HubbardMaterial(f'{m}O-rocksalt-fm', 'rocksalt', m, 'fm', 'U', _rocksalt_fm(m, a))
-          for m, a in (('Mn', 4.445), ('Ni', 4.17))],
+        *[
+            HubbardMaterial(f'{m}O-rocksalt-fm', 'rocksalt', m, 'fm', 'U', _rocksalt_fm(m, a))
+            for m, a in (('Mn', 4.445), ('Ni', 4.17))
+        ],
         # Layered R-3m and the delithiated O3 frames, U+V.
-        HubbardMaterial('LiCoO2-layered', 'layered-R-3m', 'Co', 'nm', 'U+V', _layered_r3m('Co', 2.816, 14.05, 0.2396, True),
-                        'low-spin Co3+'),
-        HubbardMaterial('LiNiO2-layered', 'layered-R-3m', 'Ni', 'fm', 'U+V', _layered_r3m('Ni', 2.878, 14.19, 0.2412, True),
-                        'low-spin Ni3+, ferromagnetic layers'),
-        HubbardMaterial('Li2NiCoO4-layered', 'layered-R-3m', 'Ni,Co', 'fm', 'U+V',
-                        _layered_r3m_mixed('Ni', 'Co', 2.847, 14.12, 0.2404),
-                        '8 atoms, Ni/Co ordered along one rhombohedral vector; low-spin Ni3+ (1 muB) and Co3+'),
-        HubbardMaterial('CoO2-layered', 'layered-R-3m', 'Co', 'fm', 'U+V',
-                        _layered_r3m('Co', 2.82, 13.50, 0.2396, False, parent_c=14.05), 'delithiated O3 frame'),
-        HubbardMaterial('NiO2-layered', 'layered-R-3m', 'Ni', 'nm', 'U+V',
-                        _layered_r3m('Ni', 2.81, 13.30, 0.2412, False, parent_c=14.19), 'delithiated O3 frame, low-spin Ni4+'),
+        HubbardMaterial(
+            'LiCoO2-layered',
+            'layered-R-3m',
+            'Co',
+            'nm',
+            'U+V',
+            _layered_r3m('Co', 2.816, 14.05, 0.2396, True),
+            'low-spin Co3+',
+        ),
+        HubbardMaterial(
+            'LiNiO2-layered',
+            'layered-R-3m',
+            'Ni',
+            'fm',
+            'U+V',
+            _layered_r3m('Ni', 2.878, 14.19, 0.2412, True),
+            'low-spin Ni3+, ferromagnetic layers',
+        ),
+        HubbardMaterial(
+            'Li2NiCoO4-layered',
+            'layered-R-3m',
+            'Ni,Co',
+            'fm',
+            'U+V',
+            _layered_r3m_mixed('Ni', 'Co', 2.847, 14.12, 0.2404),
+            '8 atoms, Ni/Co ordered along one rhombohedral vector; low-spin Ni3+ (1 muB) and Co3+',
+        ),
+        HubbardMaterial(
+            'CoO2-layered',
+            'layered-R-3m',
+            'Co',
+            'fm',
+            'U+V',
+            _layered_r3m('Co', 2.82, 13.50, 0.2396, False, parent_c=14.05),
+            'delithiated O3 frame',
+        ),
+        HubbardMaterial(
+            'NiO2-layered',
+            'layered-R-3m',
+            'Ni',
+            'nm',
+            'U+V',
+            _layered_r3m('Ni', 2.81, 13.30, 0.2412, False, parent_c=14.19),
+            'delithiated O3 frame, low-spin Ni4+',
+        ),
         # Rutile, U+V.
-        HubbardMaterial('MnO2-rutile-afm', 'rutile', 'Mn', 'afm', 'U+V', _rutile('Mn', 4.396, 2.871, 0.3046, True),
-                        'beta-MnO2, collinear AFM approximant of its helix'),
+        HubbardMaterial(
+            'MnO2-rutile-afm',
+            'rutile',
+            'Mn',
+            'afm',
+            'U+V',
+            _rutile('Mn', 4.396, 2.871, 0.3046, True),
+            'beta-MnO2, collinear AFM approximant of its helix',
+        ),
         HubbardMaterial('TiO2-rutile', 'rutile', 'Ti', 'nm', 'U+V', _rutile('Ti', 4.594, 2.959, 0.3048, False)),
         # Cubic perovskite, U+V.
         HubbardMaterial('SrTiO3-perovskite', 'perovskite', 'Ti', 'nm', 'U+V', _perovskite('Ti', 'Sr', 3.905)),
         # Ruddlesden-Popper n = 2 (bilayer perovskite), U+V: 12 atoms, the >= 8-atom held-out material of
         # benchmarks/ml_vs_dfpt.py (non-magnetic d0 Ti4+: an insulator whose scf converges like SrTiO3's)
-        HubbardMaterial('Sr3Ti2O7-ruddlesden-popper', 'ruddlesden-popper-n2', 'Ti', 'nm', 'U+V',
-                        _ruddlesden_popper_n2('Ti', 'Sr', 3.903, 20.37, 0.3184, 0.0974, 0.1939, 0.0965),
-                        '12 atoms, I4/mmm; experimental structure rounded'),
+        HubbardMaterial(
+            'Sr3Ti2O7-ruddlesden-popper',
+            'ruddlesden-popper-n2',
+            'Ti',
+            'nm',
+            'U+V',
+            _ruddlesden_popper_n2('Ti', 'Sr', 3.903, 20.37, 0.3184, 0.0974, 0.1939, 0.0965),
+            '12 atoms, I4/mmm; experimental structure rounded',
+        ),
     ]
     return {material.name: material for material in items}
 

@@ -8,7 +8,8 @@ single pw.x runs. Convergence of the loop (:func:`parameter_changes`) compares p
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 __all__ = ('ModelDomainError', 'check_model_domain', 'run_protocol', 'parameter_key', 'parameter_changes',
            'manifold_l')
@@ -30,7 +31,9 @@ def manifold_l(manifold: str) -> int:
     try:
         return _L_OF[shell[-1]]
     except (KeyError, IndexError):
-        raise ModelDomainError('manifold', f'cannot read the angular momentum of Hubbard manifold {manifold!r}') from None
+        raise ModelDomainError(
+            'manifold', f'cannot read the angular momentum of Hubbard manifold {manifold!r}'
+        ) from None
 
 
 def parameter_key(parameter) -> tuple:
@@ -82,7 +85,9 @@ def check_model_domain(model_nodes: Mapping[str, Any], hubbard_structure, protoc
     if not parameters:
         raise ModelDomainError('manifold', 'the structure has no Hubbard parameters: initialize U (and V) first')
     needs_v = any(not is_onsite(parameter_key(p)) for p in parameters)
-    needed_ls = {manifold_l(p.atom_manifold) for p in parameters} | {manifold_l(p.neighbour_manifold) for p in parameters}
+    needed_ls = {manifold_l(p.atom_manifold) for p in parameters} | {
+        manifold_l(p.neighbour_manifold) for p in parameters
+    }
     needed_pairs = {(manifold_l(p.atom_manifold), manifold_l(p.neighbour_manifold))
                     for p in parameters if not is_onsite(parameter_key(p))}
     reference = None
@@ -97,18 +102,27 @@ def check_model_domain(model_nodes: Mapping[str, Any], hubbard_structure, protoc
         if 'hubbard_u' not in targets:
             raise ModelDomainError('heads', f'{where} predicts {targets}, not Hubbard U (`hubbard_u`)')
         if needs_v and 'hubbard_v' not in targets:
-            raise ModelDomainError('heads', f'{where} predicts no inter-site V but the structure has V parameters; use a '
-                                            'U+V model or remove the V parameters')
+            raise ModelDomainError(
+                'heads',
+                f'{where} predicts no inter-site V but the structure has V parameters; use a '
+                'U+V model or remove the V parameters',
+            )
         _, _, metadata = node.read()
         slots = metadata.get('hubbard') or {}
         trained_ls = {int(l) for l in slots.get('manifold_ls', [])}
         if trained_ls and not needed_ls <= trained_ls:
-            raise ModelDomainError('manifold', f'{where} was trained on Hubbard manifolds with l = {sorted(trained_ls)}; '
-                                               f'the structure asks for l = {sorted(needed_ls - trained_ls)}')
+            raise ModelDomainError(
+                'manifold',
+                f'{where} was trained on Hubbard manifolds with l = {sorted(trained_ls)}; '
+                f'the structure asks for l = {sorted(needed_ls - trained_ls)}',
+            )
         trained_pairs = {tuple(int(l) for l in pair) for pair in slots.get('pair_ls', [])}
         if needs_v and trained_pairs and not needed_pairs <= trained_pairs:
-            raise ModelDomainError('manifold', f'{where} was trained on V between manifolds {sorted(trained_pairs)}; the '
-                                               f'structure has {sorted(needed_pairs - trained_pairs)}')
+            raise ModelDomainError(
+                'manifold',
+                f'{where} was trained on V between manifolds {sorted(trained_pairs)}; the '
+                f'structure has {sorted(needed_pairs - trained_pairs)}',
+            )
         model_protocol = metadata.get('protocol')
         if reference is None:
             reference = (targets, model_protocol)
@@ -120,8 +134,11 @@ def check_model_domain(model_nodes: Mapping[str, Any], hubbard_structure, protoc
         common = {key for key in protocol if key in model_protocol}
         differences = protocol_differences({k: model_protocol[k] for k in common}, {k: protocol[k] for k in common})
         if differences:
-            raise ModelDomainError('protocol', f'the models were trained on labels of protocol '
-                                               f'{model_protocol.get("name", "?")!r}; this run differs in ' + '; '.join(differences))
+            raise ModelDomainError(
+                'protocol',
+                f'the models were trained on labels of protocol '
+                f'{model_protocol.get("name", "?")!r}; this run differs in ' + '; '.join(differences),
+            )
         checked = sorted(common)
     # The descriptors know l, not which element carried which shell in training: species and l are what is checked.
     return {'predicts_v': needs_v, 'protocol_checked': checked, 'model_protocol': model_protocol}

@@ -103,9 +103,17 @@ def expand_intersites(hubbard_structure, radial_analysis: orm.Dict):
         seed = seeds.get((sites[i].kind_name, sites[j].kind_name))
         if (i, j, translation) in present or seed is None or (i == j and translation == (0, 0, 0)):
             continue
-        hubbard.parameters.append(seed.__class__(
-            atom_index=i, atom_manifold=seed.atom_manifold, neighbour_index=j, neighbour_manifold=seed.neighbour_manifold,
-            translation=translation, value=seed.value, hubbard_type=seed.hubbard_type))
+        hubbard.parameters.append(
+            seed.__class__(
+                atom_index=i,
+                atom_manifold=seed.atom_manifold,
+                neighbour_index=j,
+                neighbour_manifold=seed.neighbour_manifold,
+                translation=translation,
+                value=seed.value,
+                hubbard_type=seed.hubbard_type,
+            )
+        )
         present.add((i, j, translation))
     result = hubbard_structure.clone()
     result.hubbard = hubbard

@@ -42,8 +42,13 @@ from aiida_eqml.calculations.functions.predict import warm_up_hubbard
 from aiida_eqml.data.model import EqmlModelData, json_safe
 from aiida_eqml.workflows.hubbard import builder as _builder
 from aiida_eqml.workflows.hubbard import steps
-from aiida_eqml.workflows.hubbard.domain import ModelDomainError, check_model_domain, is_onsite, parameter_changes, \
-    run_protocol
+from aiida_eqml.workflows.hubbard.domain import (
+    ModelDomainError,
+    check_model_domain,
+    is_onsite,
+    parameter_changes,
+    run_protocol,
+)
 
 __all__ = ('SelfConsistentMLHubbardWorkChain',)
 
@@ -134,8 +139,12 @@ class SelfConsistentMLHubbardWorkChain(ProtocolMixin, WorkChain):
                     help='`eqml.dataset` of every hp.x run of the loop (fallback and validation), ready to retrain on.')
         spec.output('dfpt_comparison', valid_type=orm.Dict, required=False,
                     help='ML vs hp.x per parameter at the converged point (validate_with_dfpt).')
-        spec.exit_code(402, 'ERROR_SUB_PROCESS_FAILED_RELAX', message='The PwRelaxWorkChain failed in iteration {iteration}')
-        spec.exit_code(403, 'ERROR_SUB_PROCESS_FAILED_SCF', message='The scf PwBaseWorkChain failed in iteration {iteration}')
+        spec.exit_code(
+            402, 'ERROR_SUB_PROCESS_FAILED_RELAX', message='The PwRelaxWorkChain failed in iteration {iteration}'
+        )
+        spec.exit_code(
+            403, 'ERROR_SUB_PROCESS_FAILED_SCF', message='The scf PwBaseWorkChain failed in iteration {iteration}'
+        )
         spec.exit_code(404, 'ERROR_SUB_PROCESS_FAILED_HP', message='The HpWorkChain failed in iteration {iteration}')
         spec.exit_code(405, 'ERROR_NON_INTEGER_TOT_MAGNETIZATION',
                        message='The smearing scf of iteration {iteration} has a non-integer total magnetization '

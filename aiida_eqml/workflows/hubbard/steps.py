@@ -176,7 +176,9 @@ def iteration_record(wc, changes: dict) -> dict:
     ctx = wc.ctx
     spread = {}
     for entry in ctx.spread.get_dict().get('parameters', []):
-        spread[(entry['atom_index'], entry['neighbour_index'], tuple(entry['translation']), *entry['manifolds'])] = entry
+        spread[(entry['atom_index'], entry['neighbour_index'], tuple(entry['translation']), *entry['manifolds'])] = (
+            entry
+        )
     inputs = {parameter_key(p): float(p.value) for p in ctx.current.hubbard.parameters}
     rows = []
     for row, parameter in zip(parameter_table(ctx.predicted), ctx.predicted.hubbard.parameters):
@@ -188,7 +190,10 @@ def iteration_record(wc, changes: dict) -> dict:
     output = scf.outputs.output_parameters.get_dict()
     state = scf_diagnostics(scf.inputs.pw.parameters.get_dict(), output, scf.outputs.output_band)
     moments = None
-    if 'output_trajectory' in scf.outputs and 'atomic_magnetic_moments' in scf.outputs.output_trajectory.get_arraynames():
+    if (
+        'output_trajectory' in scf.outputs
+        and 'atomic_magnetic_moments' in scf.outputs.output_trajectory.get_arraynames()
+    ):
         moments = [float(m) for m in scf.outputs.output_trajectory.get_array('atomic_magnetic_moments')[-1]]
     known = [c for k, c in changes.items() if c is not None]
     return {
@@ -209,7 +214,9 @@ def iteration_line(record: dict) -> str:
     values = ', '.join(
         f"{row['label']} = {row['value']:.3f}" + (f" ± {row['std']:.3f}" if row.get('std') is not None else '')
         for row in record['parameters'])
-    return f"iteration {record['iteration']} [{record['source']}]: {values}" + (' (converged)' if record['converged'] else '')
+    return f"iteration {record['iteration']} [{record['source']}]: {values}" + (
+        ' (converged)' if record['converged'] else ''
+    )
 
 
 def harvest_hp_labels(wc):
