@@ -383,7 +383,7 @@ def operator_recovery(profile: str, client, workers: int, events: list, t0: floa
     """The recovery docs/production.md prescribes after a RabbitMQ restart under a running daemon and after a crash
     of the daemon: ``verdi daemon stop`` (after a crash it deletes the stale PID file), ``verdi process repair`` with
     the daemon stopped, ``verdi daemon start N``. Returns what the repair did (``tasks_recreated``: active processes
-    that had no task; ``tasks_dropped``: tasks of terminated processes and duplicate tasks)."""
+    that had no task; ``tasks_dropped``: tasks of processes no longer active)."""
     from aiida.manage import get_manager
 
     t = time.monotonic()
@@ -502,12 +502,18 @@ def load_run(profile: str, models_dir: str, n_loops: int, workers: int, stack_ro
     calc_names = [f'aiida-{c["pk"]}' for s in summaries for c in s['pw_calcs']]
     duplicated_jobs = sorted({name for name in calc_names if names.count(name) > 1})
     duplicated_calcs = [s['pk'] for s in summaries if any(count > 1 for count in s['pw_per_base'])]
+    # A process run twice at once (a task redelivered to the other worker after the broker restart, before the
+    # daemon stop) may also submit a step's child twice: the loops have identical inputs, so each must call as many
+    # PwBaseWorkChains as the one with the fewest.
+    fewest = min((len(s['pw_per_base']) for s in summaries if s['finished_ok']), default=0)
+    duplicated_steps = [s['pk'] for s in summaries if s['finished_ok'] and len(s['pw_per_base']) > fewest]
     finished_ok = [s['pk'] for s in summaries if s['finished_ok']]
     lost = [s['pk'] for s in summaries if s['state'] not in ('finished', 'excepted', 'killed')]
     return {
         'n_submitted': n_loops, 'n_finished_ok': len(finished_ok), 'n_lost': len(lost),
-        'n_duplicated': len(set(duplicated_jobs)) + len(duplicated_calcs), 'duplicated_jobs': duplicated_jobs,
-        'duplicated_calcs': duplicated_calcs, 'wall_s': round(wall, 1),
+        'n_duplicated': len(set(duplicated_jobs)) + len(duplicated_calcs) + len(duplicated_steps),
+        'duplicated_jobs': duplicated_jobs, 'duplicated_calcs': duplicated_calcs, 'duplicated_steps': duplicated_steps,
+        'pw_bases_per_loop': sorted({len(s['pw_per_base']) for s in summaries}), 'wall_s': round(wall, 1),
         'per_hour': round(len(finished_ok) / wall * 3600, 1), 'daemon_rss_mb': round(max(rss_samples or [0]), 1),
         'daemon_rss_mb_median': round(sorted(rss_samples)[len(rss_samples) // 2], 1) if rss_samples else 0,
         'workers': workers, 'events': events, 'faults': fault_results,

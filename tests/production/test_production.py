@@ -123,8 +123,8 @@ def test_load_of_concurrent_ml_loops_with_daemon_sigkill_and_rabbitmq_restart(ru
            f"{result['n_duplicated']} duplicated")
     for fault in result['faults']:
         repair = (f"`verdi daemon stop`, `verdi process repair` (recreated the task of {fault['tasks_recreated']} "
-                  f"active processes without one, dropped {fault['tasks_dropped']} tasks of terminated processes or "
-                  f"duplicates), `verdi daemon start {WORKERS}`")
+                  f"active processes without one, dropped {fault['tasks_dropped']} tasks of processes no longer "
+                  f"active), `verdi daemon start {WORKERS}`")
         if 'processes_killed' in fault:
             detail = f"at {fault['at_finished']} loops finished; {fault['processes_killed']} processes killed; {repair}"
         else:
