@@ -350,12 +350,6 @@ def _daemon_rss_mb(client) -> float:
     return total / 2**20
 
 
-def psutil_pid_exists(pid: int) -> bool:
-    import psutil
-
-    return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-
-
 def _sigkill_daemon(client) -> int:
     import psutil
 
@@ -367,6 +361,62 @@ def _sigkill_daemon(client) -> int:
             pass
     psutil.wait_procs(processes, timeout=30)
     return len(processes)
+
+
+def _broker_queues(stack) -> list[str]:
+    """``rabbitmqctl list_queues`` of the stack's node: name, ready, unacknowledged, consumers (diagnostics)."""
+    try:
+        proc = stack.rabbitmq._ctl('list_queues', '-q', 'name', 'messages_ready', 'messages_unacknowledged',
+                                   'consumers', timeout=60)
+    except Exception as exception:  # noqa: BLE001 - diagnostics only
+        return [repr(exception)]
+    return [line for line in proc.stdout.splitlines() if 'process.queue' in line] or [proc.stdout[-300:]]
+
+
+def _verdi(profile: str, *args: str, timeout: float = 600) -> tuple[int, str]:
+    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), 'verdi'), '-p', profile, *args],
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+def operator_recovery(profile: str, client, workers: int, events: list, t0: float, crashed: bool) -> dict:
+    """The recovery docs/production.md prescribes after a RabbitMQ restart under a running daemon and after a crash
+    of the daemon: ``verdi daemon stop`` (after a crash it deletes the stale PID file), ``verdi process repair`` with
+    the daemon stopped, ``verdi daemon start N``. Returns what the repair did (``tasks_recreated``: active processes
+    that had no task; ``tasks_dropped``: tasks of processes no longer active)."""
+    from aiida.manage import get_manager
+
+    t = time.monotonic()
+    # A running daemon's workers stop gracefully (circus waits for them); on a loaded host that takes longer than the
+    # 2 s that verdi waits by default (`daemon.timeout`), hence --timeout; the PID file goes when circus has exited.
+    # After a crash there is no circus to answer: the stop deletes the stale PID file and gives up after the timeout.
+    stop = ('daemon', 'stop') if crashed else ('daemon', 'stop', '--timeout', '240')
+    stop_rc, stop_text = _verdi(profile, *stop, timeout=300)
+    try:
+        _wait(lambda: not client.is_daemon_running, 60, 'circus to exit and delete its PID file')
+    except TimeoutError as exception:
+        raise RuntimeError(f'`verdi daemon stop` left the daemon PID file (exit {stop_rc}): {stop_text[-800:]}') \
+            from exception
+    events.append(f'{t - t0:.1f}s verdi {" ".join(stop)} (exit {stop_rc}, {time.monotonic() - t:.1f} s): '
+                  f'{stop_text.splitlines()[-1][:120] if stop_text else ""}')
+    # `verdi process repair` lists the other connections to the profile's database and terminates them (--force):
+    # those of killed workers, but also this interpreter's; close it first, as an operator closes the notebooks and
+    # verdi shells of the profile before a repair. The next query opens a new one.
+    get_manager().reset_profile_storage()
+    t = time.monotonic()
+    repair_rc, repair_text = _verdi(profile, 'process', 'repair', '--force')
+    recreated = re.findall(r'Revived process `(\d+)`', repair_text)
+    dropped = re.findall(r'Acknowledged task `([^`]*)`', repair_text)
+    summary = next((line for line in repair_text.splitlines() if 'No inconsistencies' in line
+                    or 'without process task' in line or 'duplicates process tasks' in line), '')
+    events.append(f'{t - t0:.1f}s verdi process repair --force (exit {repair_rc}): {len(recreated)} tasks recreated, '
+                  f'{len(dropped)} dropped; {summary.strip()[:300]}')
+    if repair_rc != 0:
+        raise RuntimeError(f'`verdi process repair` failed (exit {repair_rc}): {repair_text[-1500:]}')
+    t = time.monotonic()
+    client.start_daemon(number_workers=workers)  # = verdi daemon start N
+    events.append(f'{t - t0:.1f}s daemon started again with {workers} workers')
+    return {'tasks_recreated': len(recreated), 'tasks_dropped': len(dropped), 'repair_output': repair_text[-1500:]}
 
 
 def load_run(profile: str, models_dir: str, n_loops: int, workers: int, stack_root: str, base_port: int,
@@ -414,38 +464,29 @@ def load_run(profile: str, models_dir: str, n_loops: int, workers: int, stack_ro
                 before = done
                 t = time.monotonic()
                 stack.rabbitmq.restart(echo=lambda m: None)
-                events.append(f'{t - t0:.1f}s RabbitMQ restarted ({time.monotonic() - t:.1f} s down) at {before} done')
-                fault_results.append({'what': 'RabbitMQ restarted during the load run (daemon left running)',
-                                      'at_finished': before})
+                events.append(f'{t - t0:.1f}s RabbitMQ restarted ({time.monotonic() - t:.1f} s down) at {before} done '
+                              f'(daemon running)')
+                # The workers reconnect by themselves, but their processes' tasks were requeued and redelivered:
+                # acknowledged as duplicates by the worker that runs the process (the process is left without a task)
+                # or taken by the other worker (the process runs twice). The recovery docs/production.md prescribes,
+                # at once: stop the daemon, repair, start it again.
+                recovery = operator_recovery(profile, client, workers, events, t0, crashed=False)
+                fault_results.append({'what': 'RabbitMQ restarted during the load run (daemon running)',
+                                      'at_finished': before, **recovery})
             elif pending_faults and pending_faults[0] == 'sigkill' and done >= n_loops // 2:
                 pending_faults.pop(0)
                 t = time.monotonic()
                 killed = _sigkill_daemon(client)
                 events.append(f'{t - t0:.1f}s SIGKILL to {killed} daemon processes at {done} done')
-                # AiiDA's recovery after a crash: with no worker holding a task, every task left is in the queue;
-                # `verdi process repair` re-creates the task of each active process that has none (lost, e.g.
-                # when a broker restart redelivered it to a worker that was already running the process).
-                time.sleep(5)
-                pid = client.get_daemon_pid()
-                if pid is not None and not psutil_pid_exists(pid):  # the killed circus left its pid file behind
-                    os.unlink(client.circus_pid_file)
-                repair = subprocess.run([os.path.join(os.path.dirname(sys.executable), 'verdi'), '-p', profile,
-                                         'process', 'repair'], capture_output=True, text=True, timeout=600)
-                repair_text = repair.stdout + repair.stderr
-                lost_line = next((line for line in repair_text.splitlines() if 'without process task' in line), '')
-                revived = len(re.findall(r'\d+', lost_line.split(':', 1)[-1])) if lost_line else 0
-                events.append(f'{time.monotonic() - t0:.1f}s verdi process repair (exit {repair.returncode}): '
-                              f'{revived} active processes had no task; {repair_text.strip()[-400:]}')
-                if repair.returncode != 0:
-                    revived = f'? (repair failed, exit {repair.returncode})'
-                client.start_daemon(number_workers=workers)
-                events.append(f'{time.monotonic() - t0:.1f}s daemon started again')
+                # A killed worker's tasks go back to the queue by themselves (its connection is closed by the kernel);
+                # the recovery is the same as above (the stop only deletes the stale PID file of the killed circus).
+                recovery = operator_recovery(profile, client, workers, events, t0, crashed=True)
                 fault_results.append({'what': 'daemon (circus + workers) killed with SIGKILL mid-run, then restarted',
-                                      'at_finished': done, 'processes_killed': killed,
-                                      'repair_output': repair_text.strip()[-1500:], 'tasks_recreated': revived})
+                                      'at_finished': done, 'processes_killed': killed, **recovery})
             time.sleep(2.0)
         wall = time.monotonic() - t0
-        events.append(f'{wall:.1f}s {n_terminated()}/{n_loops} terminated')
+        events.append(f'{wall:.1f}s {n_terminated()}/{n_loops} terminated; task queue (ready, unacked, consumers): '
+                      f'{_broker_queues(stack)}')
         summaries = [loop_summary(orm.load_node(pk)) for pk in pks]
         # Processes of the loops left in a non-terminal state (e.g. a calcfunction whose worker was SIGKILLed: the
         # loop's step runs it again after the reload, the interrupted node stays 'running' forever).
@@ -461,12 +502,18 @@ def load_run(profile: str, models_dir: str, n_loops: int, workers: int, stack_ro
     calc_names = [f'aiida-{c["pk"]}' for s in summaries for c in s['pw_calcs']]
     duplicated_jobs = sorted({name for name in calc_names if names.count(name) > 1})
     duplicated_calcs = [s['pk'] for s in summaries if any(count > 1 for count in s['pw_per_base'])]
+    # A process run twice at once (a task redelivered to the other worker after the broker restart, before the
+    # daemon stop) may also submit a step's child twice: the loops have identical inputs, so each must call as many
+    # PwBaseWorkChains as the one with the fewest.
+    fewest = min((len(s['pw_per_base']) for s in summaries if s['finished_ok']), default=0)
+    duplicated_steps = [s['pk'] for s in summaries if s['finished_ok'] and len(s['pw_per_base']) > fewest]
     finished_ok = [s['pk'] for s in summaries if s['finished_ok']]
     lost = [s['pk'] for s in summaries if s['state'] not in ('finished', 'excepted', 'killed')]
     return {
         'n_submitted': n_loops, 'n_finished_ok': len(finished_ok), 'n_lost': len(lost),
-        'n_duplicated': len(set(duplicated_jobs)) + len(duplicated_calcs), 'duplicated_jobs': duplicated_jobs,
-        'duplicated_calcs': duplicated_calcs, 'wall_s': round(wall, 1),
+        'n_duplicated': len(set(duplicated_jobs)) + len(duplicated_calcs) + len(duplicated_steps),
+        'duplicated_jobs': duplicated_jobs, 'duplicated_calcs': duplicated_calcs, 'duplicated_steps': duplicated_steps,
+        'pw_bases_per_loop': sorted({len(s['pw_per_base']) for s in summaries}), 'wall_s': round(wall, 1),
         'per_hour': round(len(finished_ok) / wall * 3600, 1), 'daemon_rss_mb': round(max(rss_samples or [0]), 1),
         'daemon_rss_mb_median': round(sorted(rss_samples)[len(rss_samples) // 2], 1) if rss_samples else 0,
         'workers': workers, 'events': events, 'faults': fault_results,
