@@ -77,8 +77,11 @@ def selected_hyperparameters(evaluation: dict | None, args) -> tuple[str, int, b
                                     for e in evaluation.get("leave_one_material_out", []))
         if votes:
             (size, epochs, chosen_residual), _ = votes.most_common(1)[0]
+            given = [name for name, value in (("size", args.size), ("epochs", args.epochs), ("residual", residual))
+                     if value is not None]
             return (args.size or size, args.epochs or int(epochs), chosen_residual if residual is None else residual,
-                    "most often selected in the evaluation")
+                    "most often selected in the evaluation" + (f"; {', '.join(given)} from the command line"
+                                                               if given else ""))
     return args.size or "small", args.epochs or 600, bool(residual), "default"
 
 
