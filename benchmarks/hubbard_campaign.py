@@ -36,8 +36,8 @@ EXTRA = 'eqml_hubbard_campaign'  # extras key on each submitted work chain: its 
 #: that work chains of an older definition in the profile are not taken for this one.
 VERSION = 3
 #: Strains of each material, in the order the campaign runs them: first every material at a0 (breadth first),
-#: then the strained cells.
-STRAINS = (1.00, 0.97, 1.03)
+#: then the strained cells (0.94 / 1.06 added in the third session for more U labels of the cheap rock salts).
+STRAINS = (1.00, 0.97, 1.03, 0.94, 1.06)
 MAX_ITERATIONS = 3
 #: Materials in campaign order: cheap and diverse first (U and U+V, magnetic and not), so that a short day of
 #: running already covers several structure types.
