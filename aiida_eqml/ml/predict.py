@@ -47,6 +47,7 @@ __all__ = [
     "cached_predictor",
     "clear_predictor_cache",
     "warm_up_in_background",
+    "is_cached",
     "ensemble_statistics",
     "to_cartesian",
     "enable_compilation_cache",
@@ -513,6 +514,13 @@ def cached_predictor(sha256s: Sequence[str], load: Callable[[], Predictor | Sequ
         while len(_PREDICTORS) > CACHE_SIZE:
             _PREDICTORS.popitem(last=False)
     return predictor
+
+
+def is_cached(sha256s: Sequence[str]) -> bool:
+    """Whether :func:`cached_predictor` holds (or a warm-up is loading) the Predictor of these models."""
+    key = tuple(sha256s)
+    with _LOCK:
+        return key in _PREDICTORS or key in _WARMING
 
 
 def warm_up_in_background(sha256s: Sequence[str], load: Callable[[], Predictor | Sequence[tuple]],

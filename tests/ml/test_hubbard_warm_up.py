@@ -48,10 +48,12 @@ def test_the_placeholder_compiles_the_real_prediction(fresh_compilation):
 
     files = [str(f) for f in reference_member_files("hubbard-tmo")]
     key = ["warm-up-test", *files]
+    assert not predict.is_cached(key)
     thread = predict.warm_up_in_background(key, lambda: predict.load_predictor(files),
                                            lambda p: p.predict_hubbard(placeholder))
     warmed = predict.cached_predictor(key, lambda: pytest.fail("the warm-up's Predictor was not reused"))
     assert not thread.is_alive()  # cached_predictor waited for the warm-up
+    assert predict.is_cached(key)  # a second loop of these models reads no model file (warm_up_hubbard)
     traces = warmed.trace_count
     assert traces >= 1  # the warm-up compiled (fresh_compilation: nothing was compiled before)
 

@@ -236,37 +236,30 @@ def predict_hubbard(hubbard_structure, occupations, **models):
     }
 
 
-#: Orbital letter of a Hubbard manifold ('3d', '2p', ...) -> l.
-_MANIFOLD_L = {'s': 0, 'p': 1, 'd': 2, 'f': 3}
-
-
-def warm_up_hubbard(hubbard_structure, models: dict) -> None:
+def warm_up_hubbard(hubbard_structure, models: dict, hubbard_l: dict[int, int], couples: list[tuple]) -> None:
     """Load and compile, in a background thread, the Predictor that ``predict_hubbard`` will use on scf runs of this
-    structure (:func:`aiida_eqml.ml.predict.warm_up_in_background`): the ML Hubbard loop calls it when its first
-    scf starts, so that the first prediction does not add the model's loading and compilation to the loop's time.
+    structure (:func:`aiida_eqml.ml.predict.warm_up_in_background`), for Hubbard manifolds of angular momentum
+    ``hubbard_l[atom]`` and V ``couples`` (i, j, S1, S2, S3): the ML Hubbard loop calls it when its first scf starts,
+    so that the first prediction does not add the model's loading and compilation to the loop's time.
 
     Everything read through the ORM (model files, with their hash check; the structure) is read here, in the
-    caller's thread. A failure is logged and ignored: the calcfunction then loads the models and reports it."""
+    caller's thread, and only when the process has not loaded these models yet. A failure is logged and ignored:
+    the calcfunction then loads the models and reports it."""
     import logging
 
     from aiida_eqml.ml.hubbard.models import shape_record
-    from aiida_eqml.ml.predict import Predictor, warm_up_in_background
+    from aiida_eqml.ml.predict import Predictor, is_cached, warm_up_in_background
 
     try:
         nodes = _check_models(models, hubbard_structure.get_symbols_set())
-        members = [node.load() for node in nodes]
+        sha256s = [node.sha256 for node in nodes]
+        members = None if is_cached(sha256s) else [node.load() for node in nodes]
         names = [f'eqml.model pk={node.pk}' for node in nodes]
-        hubbard_l, couples = {}, []
-        for p in hubbard_structure.hubbard.parameters:
-            hubbard_l[p.atom_index] = _MANIFOLD_L[p.atom_manifold.strip()[-1]]
-            hubbard_l[p.neighbour_index] = _MANIFOLD_L[p.neighbour_manifold.strip()[-1]]
-            if not (p.atom_index == p.neighbour_index and tuple(p.translation) == (0, 0, 0)):
-                couples.append((p.atom_index, p.neighbour_index, *p.translation))
         record = shape_record(hubbard_structure.get_ase(), hubbard_l, couples)
     except Exception as exception:  # noqa: BLE001 - an optimisation only; the prediction step reports errors
         logging.getLogger(__name__).warning('no prediction warm-up: %s', exception)
         return
-    warm_up_in_background([node.sha256 for node in nodes], lambda: Predictor(members, names=names),
+    warm_up_in_background(sha256s, lambda: Predictor(members, names=names),
                           lambda predictor: predictor.predict_hubbard(record))
 
 

@@ -38,7 +38,6 @@ from aiida_quantumespresso.workflows.protocols.utils import ProtocolMixin
 from aiida_quantumespresso.workflows.pw.base import PwBaseWorkChain
 from aiida_quantumespresso.workflows.pw.relax import PwRelaxWorkChain
 
-from aiida_eqml.calculations.functions.predict import warm_up_hubbard
 from aiida_eqml.data.model import EqmlModelData, json_safe
 from aiida_eqml.workflows.hubbard import builder as _builder
 from aiida_eqml.workflows.hubbard import steps
@@ -193,7 +192,7 @@ class SelfConsistentMLHubbardWorkChain(ProtocolMixin, WorkChain):
         ctx.relax_frequency = self.inputs.get('relax_frequency', orm.Int(1)).value
         # The model loads and compiles while the first scf runs, not after it (measured: the first prediction took
         # 19.5 s of a 195 s TiO2 loop without this; docs/hubbard_loop.md)
-        warm_up_hubbard(ctx.current, dict(self.inputs.models))
+        steps.warm_up_prediction(self)
 
     def should_run_iteration(self):
         return not self.ctx.is_converged and self.ctx.iteration < self.inputs.max_iterations.value

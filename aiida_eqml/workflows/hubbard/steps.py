@@ -13,7 +13,7 @@ from aiida_quantumespresso.utils.hubbard import HubbardUtils, is_intersite_hubba
 from aiida_quantumespresso.workflows.pw.base import PwBaseWorkChain
 from aiida_quantumespresso.workflows.pw.relax import PwRelaxWorkChain
 
-from aiida_eqml.workflows.hubbard.domain import is_onsite, parameter_key
+from aiida_eqml.workflows.hubbard.domain import is_onsite, manifold_l, parameter_key
 from aiida_eqml.workflows.labels.hubbard import OCCUP_TXT
 
 #: aiida-hubbard's defaults for the two scf runs of an iteration.
@@ -96,6 +96,25 @@ def scf_inputs(wc, fixed: bool) -> AttributeDict:
     _retrieve_occupations(inputs)
     inputs.metadata = {'call_link_label': label}
     return inputs
+
+
+def warm_up_prediction(wc) -> None:
+    """Start loading and compiling the models for this loop's structure while its first scf runs
+    (:func:`aiida_eqml.calculations.functions.predict.warm_up_hubbard`)."""
+    from aiida_eqml.calculations.functions.predict import warm_up_hubbard
+
+    structure = wc.ctx.current
+    hubbard_l, couples = {}, []
+    try:
+        for p in structure.hubbard.parameters:
+            hubbard_l[p.atom_index] = manifold_l(p.atom_manifold)
+            hubbard_l[p.neighbour_index] = manifold_l(p.neighbour_manifold)
+            if not is_onsite(parameter_key(p)):
+                couples.append((p.atom_index, p.neighbour_index, *p.translation))
+    except ValueError as exception:  # the input validation has already refused what it cannot read
+        wc.logger.warning(f'no prediction warm-up: {exception}')
+        return
+    warm_up_hubbard(structure, dict(wc.inputs.models), hubbard_l, couples)
 
 
 def predict(wc):
