@@ -64,13 +64,13 @@ def state(key: str) -> str:
     return 'todo'
 
 
-def build(name: str, strain: float, key: str, codes: dict):
+def build(name: str, strain: float, key: str, codes: dict, repeat: tuple[int, int, int] = (1, 1, 1)):
     from aiida_eqml.local.hubbard_materials import MATERIALS, hubbard_structure
     from aiida_eqml.ml.hubbard.protocol import REFERENCE_PROTOCOL as P
     from aiida_eqml.workflows.labels.hubbard import HubbardLabelsWorkChain
 
     material = MATERIALS[name]
-    structure = hubbard_structure(material, strain)
+    structure = hubbard_structure(material, strain, repeat)
     magnetization = material.magnetization()
     overrides = {
         'max_concurrent': 1,

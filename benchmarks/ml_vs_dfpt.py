@@ -78,16 +78,39 @@ def dfpt_from_campaign(key: str):
             'source': f'campaign cell {key} (workchain uuid {meta["workchain_uuid"]})'}
 
 
-def run_dfpt(name: str, key: str, codes: dict):
+def parse_material(spec: str) -> tuple[str, tuple[int, int, int]]:
+    """``NAME`` or ``NAME@2x1x1`` (a supercell of the material) -> (name, repeat)."""
+    name, _, repeat = spec.partition('@')
+    if not repeat:
+        return name, (1, 1, 1)
+    try:
+        factors = tuple(int(n) for n in repeat.lower().split('x'))
+    except ValueError:
+        factors = ()
+    if len(factors) != 3 or min(factors) < 1:
+        raise SystemExit(f'--materials {spec}: the supercell must read NAME@AxBxC with positive integers')
+    return name, factors
+
+
+def run_dfpt(name: str, key: str, codes: dict, repeat=(1, 1, 1)):
     from aiida.engine import run_get_node
     from hubbard_campaign import build
 
-    from aiida_eqml.calculations.functions.harvest import scf_diagnostics
-
-    builder = build(name, 1.0, key, codes)
+    builder = build(name, 1.0, key, codes, repeat)
     start = time.time()
     _, node = run_get_node(builder)
-    wall = time.time() - start
+    return dfpt_summary(node, time.time() - start)
+
+
+def dfpt_summary(node, wall: float | None = None):
+    """Wall time, per-iteration U/V and the last scf's state of a DFPT loop (an ``eqml.labels.hubbard`` run, as
+    ``run_dfpt`` starts it; ``wall``: as timed by the caller, else the campaign's creation-to-last-calculation
+    time)."""
+    from hubbard_campaign import wall_time
+
+    from aiida_eqml.calculations.functions.harvest import scf_diagnostics
+
+    wall = wall_time(node) if wall is None else wall
     loop = [c for c in node.called if c.process_label == 'SelfConsistentHubbardWorkChain'][-1]
     hps = sorted(loop.base.links.get_outgoing(link_label_filter='iteration_%_hp').all(), key=lambda l: l.link_label)
     iterations = [{'u': _onsite(l.node.outputs.hubbard_structure), 'v': _intersite(l.node.outputs.hubbard_structure)}
@@ -98,10 +121,10 @@ def run_dfpt(name: str, key: str, codes: dict):
     return {'wall_s': wall, 'complete': node.is_finished_ok, 'iterations': iterations, 'u': iterations[-1]['u'],
             'v': iterations[-1]['v'], 'absolute_magnetization': state['absolute_magnetization'],
             'band_gap_ev': state['band_gap_ev'],
-            'source': f'run here: eqml.labels.hubbard pk {node.pk}'}
+            'source': f'run here: eqml.labels.hubbard pk {node.pk} (uuid {node.uuid})'}
 
 
-def run_ml(name: str, models, codes: dict):
+def run_ml(name: str, models, codes: dict, repeat=(1, 1, 1)):
     from aiida.engine import run_get_node
     from aiida_quantumespresso.common.types import SpinType
 
@@ -113,7 +136,7 @@ def run_ml(name: str, models, codes: dict):
     kwargs = {'spin_type': SpinType.COLLINEAR, 'initial_magnetic_moments': {k: 5 * m for k, m in moments.items()}} \
         if moments else {}
     builder = SelfConsistentMLHubbardWorkChain.get_builder_from_protocol(
-        codes['pw'], hubbard_structure(material), models, protocol='balanced', **kwargs)
+        codes['pw'], hubbard_structure(material, repeat=repeat), models, protocol='balanced', **kwargs)
     start = time.time()
     _, node = run_get_node(builder)
     return ml_summary(name, node, time.time() - start)
@@ -176,7 +199,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument(
-        '--materials', required=True, help='comma-separated names of aiida_eqml.local.hubbard_materials'
+        '--materials', required=True,
+        help='comma-separated names of aiida_eqml.local.hubbard_materials, NAME@2x1x1 for a supercell of one'
     )
     parser.add_argument('--model', action='append', default=None, help='eqml.model pk, model file or reference name')
     parser.add_argument('--reuse-campaign', nargs='?', const='all', default=None, metavar='MATERIALS',
@@ -185,6 +209,9 @@ def main(argv=None) -> None:
     parser.add_argument('--ml-workchain', action='append', default=[], metavar='MATERIAL=PK',
                         help='take the ML loop of MATERIAL from this finished eqml.hubbard.self_consistent run (with '
                              'the same models) instead of running it (e.g. one run beside the campaign cell)')
+    parser.add_argument('--dfpt-workchain', action='append', default=[], metavar='MATERIAL=PK',
+                        help='take the DFPT loop of MATERIAL from this finished eqml.labels.hubbard run (one this '
+                             'script ran before) instead of running it')
     parser.add_argument('--profile', default=None)
     parser.add_argument('--out', default=str(OUT / 'ml_vs_dfpt.json'))
     args = parser.parse_args(argv)
@@ -195,7 +222,7 @@ def main(argv=None) -> None:
     load_profile(args.profile)
     from aiida_eqml.cli.hubbard import load_models
     from aiida_eqml.local import load_stack_config
-    from aiida_eqml.local.hubbard_materials import MATERIALS, material_key
+    from aiida_eqml.local.hubbard_materials import MATERIALS, material_key, supercell_sites
     from aiida_eqml.ml.hubbard.protocol import REFERENCE_PROTOCOL
     from aiida_eqml.workflows.hubbard.builder import models_protocol
 
@@ -218,26 +245,36 @@ def main(argv=None) -> None:
         if used != sorted(model.uuid for model in models):
             raise SystemExit(f'--ml-workchain {entry}: that loop ran with other models than --model')
         ml_nodes[material] = node
+    dfpt_nodes = {material: load_node(int(pk)) for material, _, pk in
+                  (entry.partition('=') for entry in args.dfpt_workchain)}
     rows = []
-    for name in args.materials.split(','):
+    for spec in args.materials.split(','):
+        name, repeat = parse_material(spec)
         if name in trained_on:
             raise SystemExit(f'{name} is in the model\'s training materials: not a held-out material')
-        key = material_key(name, 1.0)
-        reuse = args.reuse_campaign == 'all' or name in (args.reuse_campaign or '').split(',')
+        if name not in MATERIALS:
+            raise SystemExit(f'--materials {spec}: unknown material {name!r}; known: {", ".join(MATERIALS)}')
+        supercell = repeat != (1, 1, 1)
+        key = material_key(name, 1.0) + ('_' + 'x'.join(map(str, repeat)) if supercell else '')
+        reuse = not supercell and (args.reuse_campaign == 'all' or name in (args.reuse_campaign or '').split(','))
         load_before = os.getloadavg()[0]
-        dfpt = dfpt_from_campaign(key) if reuse else run_dfpt(name, key, codes)
-        load_between = os.getloadavg()[0]
-        if name in ml_nodes:
-            ml = ml_summary(name, ml_nodes[name])
+        if spec in dfpt_nodes:
+            dfpt = dfpt_summary(dfpt_nodes[spec])
         else:
-            ml = run_ml(name, models, codes)
+            dfpt = dfpt_from_campaign(key) if reuse else run_dfpt(name, key, codes, repeat)
+        load_between = os.getloadavg()[0]
+        if spec in ml_nodes:
+            ml = ml_summary(spec, ml_nodes[spec])
+        else:
+            ml = run_ml(name, models, codes, repeat)
         load_after = os.getloadavg()[0]
-        n_atoms = len(MATERIALS[name].sites()[1])
+        n_atoms = len(supercell_sites(MATERIALS[name], repeat)[1])
         moment = dfpt['absolute_magnetization']
         rows.append(
             {
-                'material': name,
+                'material': spec,
                 'n_atoms': n_atoms,
+                'supercell': list(repeat) if supercell else None,
                 'dfpt_s': dfpt['wall_s'],
                 'ml_s': ml['wall_s'],
                 'speedup': dfpt['wall_s'] / ml['wall_s'],
@@ -252,20 +289,20 @@ def main(argv=None) -> None:
                 'dfpt_source': dfpt['source'],
                 # false: the DFPT loop was stopped before it converged; dfpt_s, speedup are then lower bounds
                 'dfpt_complete': dfpt['complete'],
-                'dfpt_reused': reuse,
+                'dfpt_reused': reuse or spec in dfpt_nodes,
                 'ml_workchain_pk': ml['pk'],
-                'ml_reused': name in ml_nodes,
+                'ml_reused': spec in ml_nodes,
                 # 1-min load average of the machine (2 cores) before / after each loop: the times are only comparable
                 # at similar load (a reused campaign loop ran with another cell beside it)
                 'load_average': {
-                    'dfpt': None if reuse else [load_before, load_between],
-                    'ml': None if name in ml_nodes else [load_between, load_after],
+                    'dfpt': None if reuse or spec in dfpt_nodes else [load_before, load_between],
+                    'ml': None if spec in ml_nodes else [load_between, load_after],
                 },
                 'ml_first_prediction_s': ml['first_prediction_s'],
                 '_runs': {'dfpt': dfpt, 'ml': ml},
             }
         )
-        print(f'{name}: DFPT {dfpt["wall_s"]:.0f} s, ML {ml["wall_s"]:.0f} s', flush=True)
+        print(f'{spec}: DFPT {dfpt["wall_s"]:.0f} s, ML {ml["wall_s"]:.0f} s', flush=True)
     commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=HERE).stdout.strip()
     plot(rows, pathlib.Path(args.out).with_suffix('.png'))
     payload = {

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ('HubbardMaterial', 'MATERIALS', 'hubbard_structure', 'material_key')
+__all__ = ('HubbardMaterial', 'MATERIALS', 'hubbard_structure', 'material_key', 'supercell_sites')
 
 #: Starting U / V (eV) of the first scf of a self-consistent cycle (hp.x computes the response from scratch;
 #: the starting values only choose the ground state it perturbs).
@@ -251,12 +251,29 @@ def material_key(name: str, strain: float) -> str:
     return f"{name.replace('-', '_')}_s{round(strain * 100):03d}"
 
 
-def hubbard_structure(material: HubbardMaterial | str, strain: float = 1.0):
-    """Unstored ``HubbardStructureData`` of the material with its lattice scaled by ``strain`` (a/a0)."""
+def supercell_sites(material: HubbardMaterial, repeat: tuple[int, int, int] = (1, 1, 1)):
+    """The material's cell repeated ``repeat`` times along its lattice vectors, kinds kept (so the magnetic order
+    is the same), the Hubbard atoms still first."""
+    cell, sites = material.sites()
+    cell = np.asarray(cell, dtype=float)
+    if tuple(repeat) == (1, 1, 1):
+        return cell, sites
+    if any(int(n) < 1 for n in repeat):
+        raise ValueError(f'supercell repeat {tuple(repeat)}: every factor must be a positive integer')
+    shifts = [np.array(t) @ cell for t in np.ndindex(*(int(n) for n in repeat))]
+    # every image of a site next to its own: the cell's site order (Hubbard atoms first) is kept
+    repeated = [(symbol, kind, tuple(np.asarray(position) + shift)) for symbol, kind, position in sites
+                for shift in shifts]
+    return cell * np.asarray(repeat, dtype=float)[:, None], repeated
+
+
+def hubbard_structure(material: HubbardMaterial | str, strain: float = 1.0, repeat: tuple[int, int, int] = (1, 1, 1)):
+    """Unstored ``HubbardStructureData`` of the material with its lattice scaled by ``strain`` (a/a0), optionally as
+    a ``repeat`` supercell (the same material in a larger cell: e.g. a cost test at more atoms)."""
     from aiida_quantumespresso.data.hubbard_structure import HubbardStructureData
 
     material = MATERIALS[material] if isinstance(material, str) else material
-    cell, sites = material.sites()
+    cell, sites = supercell_sites(material, repeat)
     structure = HubbardStructureData(
         cell=(np.asarray(cell) * strain).tolist(),
         sites=[(symbol, kind, tuple(float(x) * strain for x in position)) for symbol, kind, position in sites],

@@ -1,0 +1,48 @@
+"""Reference prototypes as supercells: the same crystal, magnetic order and Hubbard manifolds in more atoms."""
+import numpy as np
+import pytest
+
+
+def neighbour_distances(atoms, index, cutoff=3.5):
+    from ase.neighborlist import neighbor_list
+
+    first, distances = neighbor_list('id', atoms, cutoff)
+    return distances[first == index]
+
+
+@pytest.mark.parametrize('name, repeat', [('LiNiO2-layered', (2, 1, 1)), ('MnO-rocksalt-afm2', (1, 2, 2))])
+def test_supercell_is_the_same_crystal(aiida_profile, name, repeat):
+    from aiida_eqml.local.hubbard_materials import MATERIALS, hubbard_structure
+
+    material = MATERIALS[name]
+    cell = hubbard_structure(name)
+    supercell = hubbard_structure(name, repeat=repeat)
+    factor = int(np.prod(repeat))
+    small, large = cell.get_ase(), supercell.get_ase()
+    assert len(large) == factor * len(small)
+    assert large.get_volume() == pytest.approx(factor * small.get_volume())
+    # every kind (spin sublattice) appears factor times as often, with the same neighbour shells
+    kinds = [site.kind_name for site in cell.sites]
+    super_kinds = [site.kind_name for site in supercell.sites]
+    assert sorted(super_kinds) == sorted(kinds * factor)
+    for kind in set(kinds):
+        i, j = kinds.index(kind), super_kinds.index(kind)
+        shell = np.sort(neighbour_distances(small, i))
+        np.testing.assert_allclose(np.sort(neighbour_distances(large, j)), shell, atol=1e-8)
+        assert len(shell) >= 6
+    # the cell's site order is kept per block (Hubbard atoms first, as hp.x requires)
+    assert [s.kind_name for s in supercell.sites][::factor] == kinds
+    # U on every transition-metal kind; with V (QE's per-atom card) on every transition-metal site
+    u_sites = {p.atom_index for p in supercell.hubbard.parameters
+               if p.atom_index == p.neighbour_index and tuple(p.translation) == (0, 0, 0)}
+    metal_sites = {i for i, site in enumerate(supercell.sites) if site.kind_name.rstrip('12') in material.metals}
+    if material.hubbard == 'U+V':
+        assert u_sites == metal_sites
+    else:
+        assert {super_kinds[i] for i in u_sites} == {super_kinds[i] for i in metal_sites}
+
+def test_supercell_factors_must_be_positive(aiida_profile):
+    from aiida_eqml.local.hubbard_materials import hubbard_structure
+
+    with pytest.raises(ValueError, match=r'\(0, 1, 1\)'):
+        hubbard_structure('NiO-rocksalt-afm2', repeat=(0, 1, 1))
