@@ -26,9 +26,12 @@ What ``evaluate`` does (functions in ``aiida_eqml.ml.hubbard.evaluation``):
   previous iteration (U_in / V_in: the U / V of the perturbed scf, the paper's baseline) and a per-element straight
   line in the trace of the on-site occupation matrix.
 * **summary**: MAREs pooled over every held-out label (each label is held out exactly once), model (mean over
-  seeds) and best baseline.
+  seeds) and best baseline, over the held-out materials inside the model's domain: a material with a species (or
+  TM-O pair) that no training material labels is refused by the ML loop before it runs, so it is scored and listed
+  (``unseen_groups``, ``summary.out_of_domain_materials``) but pooled only in ``summary_including_out_of_domain``.
 * **learning curve** (``--learning-curve``): error on each held-out material against the number of training
-  materials (random subsets of the others, first seed, the candidate selected for that material).
+  materials (random subsets of the others, first seed, the candidate selected for that material); draws outside
+  the held-out material's domain are skipped and counted.
 
 Outputs: ``--out`` (default ``docs/benchmarks/hubbard_uv.json``) and the plots beside it
 (``<stem>_parity.png``, ``<stem>_learning_curve.png``). Every number in the json is written by this script, with
@@ -295,6 +298,36 @@ def _stats(values):
     return float(np.mean(values)), float(np.std(values))
 
 
+def pooled_summary(entries, held_out_rows, n_seeds) -> dict:
+    """MAREs pooled over every held-out label of ``entries``; seed spread of the pooled MARE from the per-seed
+    pooled errors; baselines on the same labels."""
+    from aiida_eqml.ml.hubbard.evaluation import pooled_errors
+
+    summary = {"materials": [e["material"] for e in entries]}
+    for kind, low in (("U", "u"), ("V", "v")):
+        sel = [r for r in held_out_rows if r["kind"] == kind]
+        per_seed = []
+        for k in range(n_seeds):
+            # per-material per-seed MAREs weighted by label counts = the pooled per-seed MARE
+            num = sum(e["per_seed_scores"][k][kind]["mare"] * e["per_seed_scores"][k][kind]["n"]
+                      for e in entries if e["per_seed_scores"][k][kind]["n"])
+            den = sum(e["per_seed_scores"][k][kind]["n"] for e in entries)
+            per_seed.append(num / den if den else None)
+        summary[f"mare_{low}"], summary[f"mare_{low}_std"] = _stats(per_seed)
+        summary[f"committee_mare_{low}"] = pooled_errors(held_out_rows, "pred")[kind]["mare"]
+        summary[f"mae_{low}_committee"] = pooled_errors(held_out_rows, "pred")[kind]["mae"]
+        baselines = {name: pooled_errors(held_out_rows, f"baseline_{name}")[kind]["mare"] for name in
+                     ("element_mean", "previous_iteration", "occupation_linear")} if sel else {}
+        summary[f"baselines_mare_{low}"] = baselines
+        finite = {k: v for k, v in baselines.items() if v is not None}
+        summary[f"mare_{low}_best_baseline"] = min(finite.values()) if finite else None
+        summary[f"best_baseline_{low}"] = min(finite, key=finite.get) if finite else None
+        summary[f"n_held_out_{low}"] = len(sel)
+    summary["material_mean_mare_u"] = _stats([e["mare_u"] for e in entries])[0]
+    summary["material_mean_mare_v"] = _stats([e["mare_v"] for e in entries])[0]
+    return summary
+
+
 def evaluate_material(trainer, split, flags, candidates, seeds, args) -> tuple[dict, list[dict]]:
     """Selection, final training over seeds, scores and baselines for one held-out material."""
     from aiida_eqml.ml.hubbard.evaluation import label_table, validation_split
@@ -367,21 +400,26 @@ def evaluate_material(trainer, split, flags, candidates, seeds, args) -> tuple[d
 
 def learning_curve(trainer, splits, flags, chosen, sizes, args) -> list[dict]:
     """Per number k of training materials: model and baseline MARE on each held-out material, training on k others
-    drawn at random (seeded), first seed, the candidate selected for that material in the main evaluation."""
+    drawn at random (seeded), first seed, the candidate selected for that material in the main evaluation. A draw
+    that lacks a species (or pair) of the held-out material is skipped and counted: the loop would refuse it."""
     from aiida_eqml.ml.hubbard.evaluation import label_table, material_of, pooled_errors
 
     record = trainer.record
     points = []
     for k in sizes:
-        rows_all = []
+        rows_all, skipped, drawn = [], 0, 0
         for split in splits:
             others = sorted({material_of(record.samples[i]) for i in split["train"]})
             if k > len(others):
                 continue
-            rng = np.random.default_rng([args.seed, k, len(rows_all)])
+            rng = np.random.default_rng([args.seed, k, drawn])
+            drawn += 1
             picked = {others[j] for j in rng.permutation(len(others))[:k]}
             train = [i for i in split["train"] if material_of(record.samples[i]) in picked]
             train_rows, test_rows = label_table(record, train, flags), label_table(record, split["test"], flags)
+            if {r["group"] for r in test_rows} - {r["group"] for r in train_rows}:
+                skipped += 1  # a species or pair the draw lacks: outside the model's domain (the loop refuses it)
+                continue
             result = trainer.fit(train, chosen[split["material"]], args.seed)
             predictions = trainer.predict(result, test_rows)
             for r in test_rows:
@@ -390,7 +428,8 @@ def learning_curve(trainer, splits, flags, chosen, sizes, args) -> list[dict]:
             rows_all += test_rows
         if not rows_all:
             continue
-        point = {"n_train_materials": int(k), "n_held_out_labels": len(rows_all)}
+        point = {"n_train_materials": int(k), "n_held_out_labels": len(rows_all),
+                 "n_held_out_materials": drawn - skipped, "n_out_of_domain_draws": skipped}
         for field, name in (("pred", "model"), ("baseline_element_mean", "element_mean"),
                             ("baseline_occupation_linear", "occupation_linear"),
                             ("baseline_previous_iteration", "previous_iteration")):
@@ -461,7 +500,7 @@ def learning_curve_plot(points, path: Path) -> None:
 
 # ============================================================================ evaluate
 def run_evaluation(args) -> dict:
-    from aiida_eqml.ml.hubbard.evaluation import label_flags, label_table, material_of, material_splits, pooled_errors
+    from aiida_eqml.ml.hubbard.evaluation import label_flags, label_table, material_of, material_splits
     from aiida_eqml.ml.hubbard.protocol import record_protocol
 
     t_start = time.time()
@@ -506,29 +545,13 @@ def run_evaluation(args) -> dict:
               + " ".join(f"{k}={v['mare_u']}" for k, v in entry["baselines"].items())
               + f"  ({entry['seconds']:.0f} s, {entry['selection']['chosen']})", flush=True)
 
-    # Pooled over every held-out label; seed spread of the pooled MARE from the per-seed pooled errors.
-    summary = {}
-    for kind, low in (("U", "u"), ("V", "v")):
-        sel = [r for r in held_out_rows if r["kind"] == kind]
-        per_seed = []
-        for k in range(len(seeds)):
-            # per-material per-seed MAREs weighted by label counts = the pooled per-seed MARE
-            num = sum(e["per_seed_scores"][k][kind]["mare"] * e["per_seed_scores"][k][kind]["n"]
-                      for e in entries if e["per_seed_scores"][k][kind]["n"])
-            den = sum(e["per_seed_scores"][k][kind]["n"] for e in entries)
-            per_seed.append(num / den if den else None)
-        summary[f"mare_{low}"], summary[f"mare_{low}_std"] = _stats(per_seed)
-        summary[f"committee_mare_{low}"] = pooled_errors(held_out_rows, "pred")[kind]["mare"]
-        summary[f"mae_{low}_committee"] = pooled_errors(held_out_rows, "pred")[kind]["mae"]
-        baselines = {name: pooled_errors(held_out_rows, f"baseline_{name}")[kind]["mare"] for name in
-                     ("element_mean", "previous_iteration", "occupation_linear")} if sel else {}
-        summary[f"baselines_mare_{low}"] = baselines
-        finite = {k: v for k, v in baselines.items() if v is not None}
-        summary[f"mare_{low}_best_baseline"] = min(finite.values()) if finite else None
-        summary[f"best_baseline_{low}"] = min(finite, key=finite.get) if finite else None
-        summary[f"n_held_out_{low}"] = len(sel)
-    summary["material_mean_mare_u"] = _stats([e["mare_u"] for e in entries])[0]
-    summary["material_mean_mare_v"] = _stats([e["mare_v"] for e in entries])[0]
+    # The loop refuses a material with a species (or pair) absent from the model's training labels, so such a held-out
+    # material is outside the model's domain: scored and listed, but the summary pools the materials in its domain.
+    in_domain = [e for e in entries if not e["unseen_groups"]]
+    domain_names = {e["material"] for e in in_domain}
+    summary = pooled_summary(in_domain, [r for r in held_out_rows if r["material"] in domain_names], len(seeds))
+    summary["out_of_domain_materials"] = sorted(e["material"] for e in entries if e["unseen_groups"])
+    summary_all = pooled_summary(entries, held_out_rows, len(seeds))
     for e in entries:
         e.pop("per_seed_scores")
 
@@ -572,6 +595,7 @@ def run_evaluation(args) -> dict:
         },
         "leave_one_material_out": entries,
         "summary": summary,
+        "summary_including_out_of_domain": summary_all,
         "learning_curve": curve,
         "held_out_labels": [{k: (list(v) if k == "key" else v) for k, v in r.items()} for r in held_out_rows],
         "plots": {
