@@ -34,6 +34,8 @@ from typing import IO
 
 import numpy as np
 
+from aiida_eqml.ml.orbitals import manifold_l
+
 __all__ = [
     "SUPPORTED_QE_VERSIONS",
     "RY_TO_EV",
@@ -56,7 +58,6 @@ __all__ = [
 SUPPORTED_QE_VERSIONS = ("7.2",)
 HARTREE_TO_EV = 27.211386245988  # CODATA 2018, what QE 7.2 uses (constants.f90)
 RY_TO_EV = HARTREE_TO_EV / 2.0
-_ORBITAL_L = {"s": 0, "p": 1, "d": 2, "f": 3}
 
 TextSource = str | bytes | IO
 
@@ -146,10 +147,10 @@ def _read_text(source: TextSource) -> str:
 
 
 def _manifold_l(label: str, where: str) -> int:
-    letter = label.strip()[-1:].lower()
-    if letter not in _ORBITAL_L:
-        raise OccupationParsingError(f"{where}: cannot read an orbital l from manifold label {label!r}")
-    return _ORBITAL_L[letter]
+    try:
+        return manifold_l(label)
+    except ValueError as error:
+        raise OccupationParsingError(f"{where}: {error}") from None
 
 
 def parse_onsite_occupations_xml(source: TextSource) -> OnsiteOccupations:

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import lpmv
 
+from ..orbitals import ORBITAL_L
+
 __all__ = [
     "ORBITAL_L",
     "qe_real_spherical_harmonics",
@@ -53,7 +55,6 @@ __all__ = [
     "pair_descriptors",
 ]
 
-ORBITAL_L = {"s": 0, "p": 1, "d": 2, "f": 3}
 
 
 def _parity(l: int) -> int:

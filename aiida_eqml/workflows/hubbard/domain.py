@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from aiida_eqml.ml import orbitals
+
 __all__ = ('ModelDomainError', 'check_model_domain', 'run_protocol', 'parameter_key', 'parameter_changes',
            'manifold_l')
-
-_L_OF = {'s': 0, 'p': 1, 'd': 2, 'f': 3}
 
 
 class ModelDomainError(ValueError):
@@ -27,13 +27,10 @@ class ModelDomainError(ValueError):
 
 def manifold_l(manifold: str) -> int:
     """``'3d'`` -> 2 (the last letter of a QE manifold label, e.g. ``3d``, ``2p``, ``3d-4s`` -> its first shell)."""
-    shell = manifold.split('-')[0]
     try:
-        return _L_OF[shell[-1]]
-    except (KeyError, IndexError):
-        raise ModelDomainError(
-            'manifold', f'cannot read the angular momentum of Hubbard manifold {manifold!r}'
-        ) from None
+        return orbitals.manifold_l(manifold)
+    except ValueError as error:
+        raise ModelDomainError('manifold', str(error)) from None
 
 
 def parameter_key(parameter) -> tuple:
