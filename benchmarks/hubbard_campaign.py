@@ -64,23 +64,28 @@ def state(key: str) -> str:
     return 'todo'
 
 
-def build(name: str, strain: float, key: str, codes: dict, repeat: tuple[int, int, int] = (1, 1, 1)):
+def build(name: str, strain: float, key: str, codes: dict, repeat: tuple[int, int, int] = (1, 1, 1), *,
+          structure=None, max_iterations: int = MAX_ITERATIONS, qpoints_distance: float = 100.0,
+          kpoints_distance: float | None = None):
+    """The cell's ``eqml.labels.hubbard`` builder at the reference protocol. The keywords change one setting for a
+    sensitivity test (``benchmarks/hubbard_protocol.py``): a structure with other starting U, the number of
+    iterations, the hp.x q and scf k distances."""
     from aiida_eqml.local.hubbard_materials import MATERIALS, hubbard_structure
     from aiida_eqml.ml.hubbard.protocol import REFERENCE_PROTOCOL as P
     from aiida_eqml.workflows.labels.hubbard import HubbardLabelsWorkChain
 
     material = MATERIALS[name]
-    structure = hubbard_structure(material, strain, repeat)
+    structure = hubbard_structure(material, strain, repeat) if structure is None else structure
     magnetization = material.magnetization()
     overrides = {
         'max_concurrent': 1,
         'hubbard_loop': {
-            'max_iterations': MAX_ITERATIONS,
+            'max_iterations': max_iterations,
             'meta_convergence': True,
             'tolerance_onsite': P['tolerance_onsite_ev'],
             'tolerance_intersite': P['tolerance_intersite_ev'],
             'scf': {
-                'kpoints_distance': P['kpoints_distance'],
+                'kpoints_distance': P['kpoints_distance'] if kpoints_distance is None else kpoints_distance,
                 'kpoints_force_parity': False,
                 'pw': {'parameters': {
                     'CONTROL': {'tstress': False, 'tprnfor': False},  # labels need neither
@@ -90,7 +95,7 @@ def build(name: str, strain: float, key: str, codes: dict, repeat: tuple[int, in
                 }},
             },
             # q = Gamma: a distance larger than any reciprocal vector gives the 1x1x1 mesh.
-            'hubbard': {'qpoints_distance': 100.0, 'parallelize_atoms': False, 'parallelize_qpoints': False},
+            'hubbard': {'qpoints_distance': qpoints_distance, 'parallelize_atoms': False, 'parallelize_qpoints': False},
         },
     }
     builder = HubbardLabelsWorkChain.get_builder_from_protocol(
