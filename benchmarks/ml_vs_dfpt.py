@@ -241,8 +241,9 @@ def main(argv=None) -> None:
     for entry in args.ml_workchain:
         material, _, pk = entry.partition('=')
         node = load_node(int(pk))
-        used = sorted(model.uuid for model in node.inputs.models.values())
-        if used != sorted(model.uuid for model in models):
+        # the same predictions: config + weights (content_sha256), whichever nodes hold them
+        used = sorted(model.content_sha256 or model.uuid for model in node.inputs.models.values())
+        if used != sorted(model.content_sha256 or model.uuid for model in models):
             raise SystemExit(f'--ml-workchain {entry}: that loop ran with other models than --model')
         ml_nodes[material] = node
     dfpt_nodes = {material: load_node(int(pk)) for material, _, pk in
@@ -309,6 +310,7 @@ def main(argv=None) -> None:
         'command': ' '.join(['python', 'benchmarks/ml_vs_dfpt.py', *(argv or sys.argv[1:])]), 'commit': commit,
         'protocol': models_protocol({f'm{i}': m for i, m in enumerate(models)}) or REFERENCE_PROTOCOL,
         'reuse_campaign': args.reuse_campaign,
+        'models_content_sha256': sorted(model.content_sha256 for model in models),
         'materials': [{k: v for k, v in row.items() if not k.startswith('_')} for row in rows],
     }
     pathlib.Path(args.out).write_text(json.dumps(payload, indent=1) + '\n')
