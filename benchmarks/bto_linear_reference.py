@@ -156,6 +156,58 @@ def dielectric_consistency(data_dir) -> dict:
     return {"records": len(dataset), "excluded": report.excluded, "correlation_per_component": corr}
 
 
+def label_noise_floor(data_dir) -> dict:
+    """What the labels' own constraints say about their noise, and a bound on the Raman noise from the dielectric.
+
+    * The acoustic sum rules (sum_I Z*_I = 0, sum_I chi_I = 0) and the symmetry of chi in its two field indices,
+      read from the raw files: if they hold to round-off they were imposed when the labels were made and say
+      nothing about the noise.
+    * The dielectric bound: per component ab, eps_ab = a + b x_ab with x_ab = 1/2 sum_I chi_I,abc u_Ic (see
+      :func:`dielectric_consistency`). If the whole residual of that line came from independent noise of
+      standard deviation sigma on every Raman component, var(residual) = b^2 sigma^2 1/4 sum_Ic u_Ic^2, so
+      sigma <= std(residual) / (|b| 1/2 |u|). Non-linearity in u also lands in the residual, so this is an upper
+      bound on sigma; the best test MAE such noise allows is sqrt(2/pi) sigma (a Gaussian's mean absolute value).
+    """
+    from aiida_eqml.ml.datasets.bto import load_bto400
+
+    root = Path(data_dir)
+    raman = np.array([np.load(f) for f in sorted((root / "raman_tensors").glob("*.npy"))])  # file layout
+    born = np.array([np.load(f) for f in sorted((root / "born_charges").glob("*.npy"))])
+    scale = np.abs(raman).max()
+    constraints = {
+        "born_asr_max_e": float(np.abs(born.sum(axis=1)).max()),
+        "raman_asr_max_per_angstrom": float(np.abs(raman.sum(axis=1)).max()),
+        # the file layout is [atom, displacement, field, field]: the field pair is the last two axes
+        "raman_field_asymmetry_max_relative": float(np.abs(raman - raman.swapaxes(-1, -2)).max() / scale),
+        "raman_rms_per_angstrom": float(np.sqrt((raman**2).mean())),
+        "born_rms_e": float(np.sqrt((born**2).mean())),
+    }
+    dataset, report = load_bto400(data_dir, targets=("raman_tensors", "dielectric"))
+    x, y, norms = [], [], []
+    for sample in dataset:
+        _, u = ideal_sites(sample)
+        x.append(0.5 * np.einsum("iabc,ic->ab", sample.node_targets["raman_tensors"], u))
+        y.append(sample.graph_targets["dielectric"])
+        norms.append(0.5 * np.sqrt((u**2).sum()))
+    x, y, norms = np.array(x), np.array(y), np.array(norms)
+    per_component = {}
+    for a in range(3):
+        for b in range(a, 3):
+            slope, intercept = np.polyfit(x[:, a, b], y[:, a, b], 1)
+            residual = y[:, a, b] - (intercept + slope * x[:, a, b])
+            sigma = float(np.std(residual, ddof=2) / (abs(slope) * norms.mean()))
+            per_component[f"{'xyz'[a]}{'xyz'[b]}"] = {"slope": float(slope), "residual_std": float(np.std(residual)),
+                                                     "sigma_upper_per_angstrom": sigma}
+    sigmas = [c["sigma_upper_per_angstrom"] for c in per_component.values()]
+    sigma = float(np.median(sigmas))
+    return {
+        "records": len(dataset), "excluded": report.excluded, "constraints_in_files": constraints,
+        "dielectric_bound": per_component, "sigma_upper_median_per_angstrom": sigma,
+        "sigma_upper_min_per_angstrom": float(min(sigmas)),
+        "best_mae_upper_per_angstrom": float(np.sqrt(2 / np.pi) * sigma),
+    }
+
+
 def main(argv=None) -> int:
     repo = Path(__file__).resolve().parents[1]
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -169,7 +221,15 @@ def main(argv=None) -> int:
         action="store_true",
         help="only compare the Raman tensors with the dielectric tensors (section raman_dielectric_consistency)",
     )
+    p.add_argument("--noise-floor", action="store_true",
+                   help="only the labels' constraints and the noise bound from the dielectric (section label_noise)")
     args = p.parse_args(argv)
+    if args.noise_floor:
+        floor = label_noise_floor(args.data)
+        floor["command"] = " ".join(["python", "benchmarks/bto_linear_reference.py", *(argv or sys.argv[1:])])
+        print(json.dumps({k: v for k, v in floor.items() if k != "excluded"}, indent=1))
+        merge_json(Path(args.out_json), "label_noise", floor)
+        return 0
     if args.dielectric_check:
         check = dielectric_consistency(args.data)
         print(json.dumps(check["correlation_per_component"], indent=1))
