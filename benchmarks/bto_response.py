@@ -288,8 +288,14 @@ def device_info() -> dict:
 def merge_json(path: Path, section: str, payload: dict) -> None:
     """Write ``payload`` under ``section`` of the JSON file, keeping the other sections
     (bto_throughput.py writes its own)."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "benchmarks", "aiida_eqml"], capture_output=True,
+                           text=True, cwd=here).stdout.strip()
     data = json.loads(path.read_text()) if path.exists() else {}
-    data[section] = payload
+    data[section] = {**payload, "commit": commit + ("+dirty" if dirty else "")}  # the code that wrote the section
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
 
