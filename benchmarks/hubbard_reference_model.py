@@ -218,10 +218,23 @@ def main(argv=None) -> None:
     parser.add_argument("--profile", default=None, help="run eqml.train.ensemble in this AiiDA profile")
     parser.add_argument("--computer", default="localhost", help="with --profile: computer of the training jobs")
     parser.add_argument("--archive", action="store_true", help="with --profile: also write campaign.aiida")
+    parser.add_argument("--archive-only", action="store_true",
+                        help="with --profile: only (re)write campaign.aiida of the ensemble in --out, no training "
+                             "(stop the daemon and other writers first: the archive reads the live profile)")
     parser.add_argument("--max-mb", type=float, default=30.0)
     args = parser.parse_args(argv)
-    if args.archive and not args.profile:
-        parser.error("--archive needs --profile")
+    if (args.archive or args.archive_only) and not args.profile:
+        parser.error("--archive / --archive-only need --profile")
+    if args.archive_only:
+        out = args.out.resolve()
+        meta = json.loads((out / "ensemble.json").read_text())["metadata"]
+        training = (meta.get("aiida") or {}).get("workchain_uuid")
+        path = write_archive(args, out, [training] if training else [])
+        total = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+        if total > args.max_mb:
+            raise SystemExit(f"{out}: {total:.1f} MB, above --max-mb {args.max_mb}")
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB; {out} {total:.1f} MB in all)")
+        return
 
     from aiida_eqml.ml.dataset import Dataset
     from aiida_eqml.ml.hubbard.evaluation import label_flags, label_table, material_of
