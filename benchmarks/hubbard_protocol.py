@@ -13,7 +13,8 @@ label's own U_out (same U_in, reference meshes); ``--run q=1`` repeats it as a r
 
 Each run is one ``eqml.labels.hubbard`` iteration (smearing scf, fixed-occupation scf, hp.x) in the profile, run in
 this process. Writes ``docs/benchmarks/hubbard_protocol.json`` (command, commit, the base label, per run: k and q
-meshes, U per Hubbard site, its change against the label, wall time) and prints a table.
+meshes, U per Hubbard site, its change against the label, wall time, its own command and commit; runs of earlier
+invocations on the same cell are kept) and prints a table.
 """
 from __future__ import annotations
 
@@ -137,8 +138,20 @@ def main(argv=None) -> None:
         print(f'{text}: U {u} (label {u_label}), {wall:.0f} s', flush=True)
 
     commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    command = ' '.join(['python', 'benchmarks/hubbard_protocol.py', *(argv or sys.argv[1:])])
+    for row in rows:
+        row.update(command=command, commit=commit)
+    out = pathlib.Path(args.out)
+    if out.exists():  # runs of earlier invocations on the same cell are kept (each names its command and commit)
+        before = json.loads(out.read_text())
+        if before.get('cell') == args.cell:
+            kept = [r for r in before['runs'] if r['run'] not in {row['run'] for row in rows}]
+            for r in kept:  # a file of the first version: its runs are of its top-level command
+                r.setdefault('command', before['command'])
+                r.setdefault('commit', before['commit'])
+            rows = kept + rows
     payload = {
-        'command': ' '.join(['python', 'benchmarks/hubbard_protocol.py', *(argv or sys.argv[1:])]), 'commit': commit,
+        'command': command, 'commit': commit,
         'cell': args.cell, 'protocol': REFERENCE_PROTOCOL,
         'base_label': {'name': base.info.get('name'), 'u_in': u_in, 'u_out': u_label,
                        'k_mesh': mesh(structure, reference_k), 'q_mesh': [1, 1, 1]},
@@ -146,7 +159,7 @@ def main(argv=None) -> None:
                                  for name, (k, q) in AIIDA_HUBBARD.items()},
         'runs': rows,
     }
-    pathlib.Path(args.out).write_text(json.dumps(payload, indent=1) + '\n')
+    out.write_text(json.dumps(payload, indent=1) + '\n')
     print('\n| run | k mesh | q mesh | U (eV) | U - label (eV) | wall s |\n|---|---|---|---|---|---|')
     for r in rows:
         print(f"| {r['run']} | {r['k_mesh']} | {r['q_mesh']} | "
