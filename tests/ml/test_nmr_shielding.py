@@ -211,3 +211,13 @@ def test_index_convention_on_an_analytic_energy(setup):
     mask = np.asarray(graph.node_mask)
     np.testing.assert_allclose(sigma[mask], s[mask], atol=1e-12)
     assert np.all(sigma[~mask] == 0)
+
+
+def test_model_file_round_trip(setup, tmp_path):
+    from aiida_eqml.ml.modelfile import load_model, save_model
+
+    model, params, _, _, _ = setup
+    save_model(tmp_path / "nmr.eqml", model.config, params)
+    loaded, loaded_params, _ = load_model(tmp_path / "nmr.eqml")  # the checks expect the magnetic_out weights
+    assert loaded.config["magnetic"] is True and loaded.heads["nmr_shielding"] == model.heads["nmr_shielding"]
+    assert jax.tree_util.tree_structure(loaded_params) == jax.tree_util.tree_structure(params)
