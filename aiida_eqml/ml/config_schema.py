@@ -96,6 +96,7 @@ _MODEL_CHECKS = {
     "heads": lambda k, v: isinstance(v, dict) or _fail(k, v, "an object {name: head spec}"),
     "energy_head": lambda k, v: isinstance(v, str) or _fail(k, v, "a head name"),
     "field": lambda k, v: isinstance(v, bool) or _fail(k, v, "true or false"),
+    "magnetic": lambda k, v: isinstance(v, bool) or _fail(k, v, "true or false"),
     "normalization": lambda k, v: isinstance(v, dict) or _fail(k, v, "an object {head: {scale, species_shift}}"),
     "dtype": lambda k, v: v in ("float32", "float64") or _fail(k, v, "'float32' or 'float64'"),
 }

@@ -91,7 +91,8 @@ def restore_params(path: str, blob: bytes) -> dict:
 
 def _expected_modules(model) -> set[str]:
     """Top-level flax modules the network creates for this config (see ``models.EquivariantNetwork``): the
-    embedding, the heads and the output field coupling, and those of the architecture's trunk (its registry entry)."""
+    embedding, the heads, the output field and magnetic couplings, and those of the architecture's trunk (its
+    registry entry)."""
     from aiida_eqml.ml.architectures import get_architecture
 
     cfg = model.config
@@ -99,6 +100,8 @@ def _expected_modules(model) -> set[str]:
     names |= {f"head_{name}" for name, head in model.heads.items() if head.route == "direct"}
     if cfg["field"]:
         names.add("field_out")
+    if cfg.get("magnetic", False):
+        names.add("magnetic_out")
     return names
 
 

@@ -37,6 +37,10 @@ Config keys (defaults in :data:`DEFAULT_CONFIG`):
 ``field``
     whether the network takes the electric field (``graph.globals["field"]``, 1o, V/A); forced
     on when a derivative head needs field derivatives.
+``magnetic`` (optional, absent = false, and a false one is dropped: configs of before stay as they were)
+    whether the network takes a magnetic field B (graph, 1e) and nuclear moments mu (node, 1e), for the
+    ``nmr_shielding`` derivative head (:mod:`aiida_eqml.ml.magnetic`); never forced on: asking for a magnetic
+    quantity without it is an error.
 ``normalization``
     ``{head: {"scale": float, "species_shift": [[...] * irreps.dim] * num_species}}`` for
     direct heads: ``out = scale * net + shift[species]`` (graph heads: shifts summed / averaged
@@ -62,6 +66,7 @@ import numpy as np
 from .architectures import TrunkInputs, get_architecture
 from .graph import Graph, edge_vectors
 from .layers import EdgeReadout, FieldCoupling, NodeReadout, radial_basis, safe_norm_vectors
+from .magnetic import check_magnetic_config, magnetic_inputs
 from .tensors import CartesianTensorType, tensor_type
 
 __all__ = ["DEFAULT_CONFIG", "HeadSpec", "EquivariantModel", "EquivariantNetwork", "build_model", "normalize_config"]
@@ -88,6 +93,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "normalization": {},
     "dtype": "float32",
 }
+
+#: keys known but not filled in: a config that does not use them is the config of before (same content hash)
+OPTIONAL_KEYS = frozenset({"magnetic"})
 
 LEVELS = ("node", "edge", "graph")
 
@@ -146,7 +154,7 @@ def normalize_config(config: dict) -> dict:
     architecture = get_architecture(config.get("architecture", DEFAULT_CONFIG["architecture"]))
     # An architecture's own keys are known (and filled in) only when it is chosen: the configs of the others,
     # and so their stored files and content hashes, stay what they were.
-    known = set(DEFAULT_CONFIG) | set(architecture.defaults) | {"species"}
+    known = set(DEFAULT_CONFIG) | set(architecture.defaults) | OPTIONAL_KEYS | {"species"}
     unknown = set(config) - known
     if unknown:
         raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
@@ -155,6 +163,8 @@ def normalize_config(config: dict) -> dict:
     full = copy.deepcopy(DEFAULT_CONFIG)
     full.update(copy.deepcopy(dict(architecture.defaults)))
     full.update(config)
+    if full.get("magnetic") is False:
+        del full["magnetic"]
     heads = dict(full["heads"])
     energy = full["energy_head"]
     if any(h.get("route") == "derivative" for h in heads.values()) and energy not in heads:
@@ -189,7 +199,9 @@ class EquivariantNetwork(nn.Module):
     config: dict
 
     @nn.compact
-    def __call__(self, graph: Graph, positions=None, cells=None, field=None) -> dict[str, e3nn.IrrepsArray]:
+    def __call__(
+        self, graph: Graph, positions=None, cells=None, field=None, magnetic_field=None, nuclear_moments=None
+    ) -> dict[str, e3nn.IrrepsArray]:
         cfg = self.config
         species_list = cfg["species"]
         num_species = len(species_list)
@@ -224,6 +236,12 @@ class EquivariantNetwork(nn.Module):
             _get_attr(graph.node_attrs, name, irreps, "node_attrs").astype(dtype)
             for name, irreps in cfg["node_attrs"].items()
         ]
+        magnetic = bool(cfg.get("magnetic", False))
+        if magnetic:
+            moments, magnetic_feats = magnetic_inputs(graph, dtype, magnetic_field, nuclear_moments)
+            node_inputs.append(moments)
+        elif magnetic_field is not None or nuclear_moments is not None:
+            raise ValueError("magnetic_field / nuclear_moments given to a model without 'magnetic': true")
         node_inputs = e3nn.concatenate(node_inputs).regroup()
         x = e3nn.flax.Linear(hidden, num_indexed_weights=num_species, force_irreps_out=True, name="embedding")(
             graph.species, node_inputs
@@ -252,6 +270,8 @@ class EquivariantNetwork(nn.Module):
         x = get_architecture(cfg["architecture"]).trunk(cfg, x, trunk_inputs)
         if use_field:
             x = FieldCoupling(name="field_out")(x, field_feats)
+        if magnetic:
+            x = FieldCoupling(name="magnetic_out")(x, magnetic_feats)
 
         outputs = {}
         node_mask = graph.node_mask[:, None].astype(dtype)
@@ -331,6 +351,7 @@ class EquivariantModel:
                 raise ValueError(f"energy head {self.energy_head!r} must be a direct graph-level 0e head")
             if any(h.quantity in FIELD_QUANTITIES for h in self.derivative_heads.values()):
                 self.config["field"] = True
+        check_magnetic_config(self.config, {h.quantity for h in self.derivative_heads.values()})
         self.dtype = jnp.dtype(self.config["dtype"])
         self.network = EquivariantNetwork(self.config)
 
@@ -344,9 +365,10 @@ class EquivariantModel:
         seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
         return jax.jit(self.network.init)(jax.random.key(seed, impl="rbg"), graph)
 
-    def apply_direct(self, params, graph: Graph, positions=None, cells=None, field=None) -> dict:
-        """Direct heads only (and the energy), with optional positions / cells / field overrides."""
-        return self.network.apply(params, graph, positions, cells, field)
+    def apply_direct(self, params, graph: Graph, positions=None, cells=None, field=None, **magnetic) -> dict:
+        """Direct heads only (and the energy), with optional positions / cells / field overrides (and, for a
+        magnetic model, ``magnetic_field`` [G, 3] / ``nuclear_moments`` [N, 3])."""
+        return self.network.apply(params, graph, positions, cells, field, **magnetic)
 
     def apply(self, params, graph: Graph, heads=None) -> dict[str, e3nn.IrrepsArray]:
         """All heads (or the listed ``heads``) as irreps arrays."""

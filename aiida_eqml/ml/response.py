@@ -15,6 +15,7 @@ quantity           level   definition                                           
 ``susceptibility`` graph   chi_ab = -(1/(4 pi eps0 Omega)) d2E/dF_a dF_b              1
 ``dielectric``     graph   eps_inf = 1 + 4 pi chi                                    1
 ``raman``          node    chi_{I,abc} = d chi_ab / dtau_Ic                          1/A
+``nmr_shielding``  node    sigma_{I,ab} = d2E/dB_a dmu_{I,b} (:mod:`.magnetic`)      ppm
 =================  ======  ========================================================  ==========
 
 with eps0 = 0.00552635 e/(V A). Field derivatives are taken at the graph's field (zero unless
@@ -34,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .graph import Graph
-from .targets import FIELD_QUANTITIES, RESPONSE_QUANTITIES
+from .magnetic import magnetic_heads
+from .targets import FIELD_QUANTITIES, MAGNETIC_QUANTITIES, RESPONSE_QUANTITIES
 from .tensors import tensor_type
 
 __all__ = ["EPS0", "QUANTITIES", "FIELD_QUANTITIES", "response_cartesian", "response_heads", "model_energy_fn"]
@@ -69,6 +71,12 @@ def response_cartesian(energy_fn: Callable, graph: Graph, quantities, field=None
     unknown = quantities - set(QUANTITIES)
     if unknown:
         raise ValueError(f"unknown response quantities {sorted(unknown)}; known {sorted(QUANTITIES)}")
+    if quantities & MAGNETIC_QUANTITIES:
+        # energy_fn(positions, cells, field) has no magnetic inputs to differentiate in.
+        raise ValueError(
+            f"{sorted(quantities & MAGNETIC_QUANTITIES)} are derivatives in B and mu: use "
+            "aiida_eqml.ml.magnetic.shielding_cartesian with a model built with 'magnetic': true"
+        )
     positions, cells = graph.positions, graph.cells
     dtype = positions.dtype
     n_graph = cells.shape[0]
@@ -146,9 +154,15 @@ def response_cartesian(energy_fn: Callable, graph: Graph, quantities, field=None
 
 def response_heads(model, params, graph: Graph, heads: dict) -> dict[str, e3nn.IrrepsArray]:
     """Derivative-route heads of ``model`` as irreps arrays (same irreps as the direct heads)."""
+    magnetic = {k: h for k, h in heads.items() if h.quantity in MAGNETIC_QUANTITIES}
+    heads = {k: h for k, h in heads.items() if k not in magnetic}
+    out = {}
+    if magnetic:
+        out.update(magnetic_heads(model, params, graph, magnetic))
+    if not heads:
+        return out
     quantities = {h.quantity for h in heads.values()}
     cart = response_cartesian(model_energy_fn(model, params, graph), graph, quantities)
-    out = {}
     for name, head in heads.items():
         ttype = head.tensor if head.tensor is not None else tensor_type(QUANTITIES[head.quantity][1])
         out[name] = ttype.to_irreps(cart[head.quantity])

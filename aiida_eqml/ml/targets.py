@@ -20,12 +20,24 @@ name                level   Cartesian      unit              meaning
 ``dielectric``      graph   ``ij=ji``      1                 eps_inf
 ``raman``           node    ``ijk=jik``    1/Angstrom        chi_{I,abc} = d chi_ab / dtau_Ic
 ``raman_tensors``   node    ``ijk=jik``    1/Angstrom        the same quantity under the bto400 data's name
+``nmr_shielding``   node    ``ij`` (1e)    ppm               sigma_{I,ab} = d2E/dB_a dmu_{I,b} (B, mu axial: 1e)
 ``hubbard_u``       node    0e             eV                on-site Hubbard U (hp.x)
 ``hubbard_v``       edge    0e             eV                inter-site Hubbard V of edge i <- j at cell S
 ==================  ======  =============  ================  ==================================================
 
 ``quantity`` names the response quantity (:data:`RESPONSE_QUANTITIES`) a derivative head computes for that
-target; ``field`` marks the quantities that need the electric field. Pure Python: no jax at import.
+target; ``field`` marks the quantities that need the electric field, ``magnetic`` those that need the magnetic
+inputs (the model config's ``magnetic`` flag: a uniform field B per graph and a nuclear moment mu_I per atom, both
+pseudovectors ``1e``). ``index_irreps`` gives the irreps of a tensor's indices when they are not polar (``1o``).
+
+NMR shielding convention: E is the electronic energy of the energy head *without* the bare nuclear Zeeman term
+-mu_I.B, and sigma_{I,ab} = d2E/dB_a dmu_{I,b} at B = 0, mu = 0 (first index the field, second the moment, as for
+Born charges), so the field at nucleus I is B_loc,b = B_b - sum_a B_a sigma_{I,ab} and a positive isotropic
+shielding is diamagnetic (Ramsey's definition, as in Helgaker, Jaszunski and Ruud, Chem. Rev. 99, 293 (1999)).
+Unit: ppm (sigma is dimensionless, labels x 1e6), the unit GIPAW (QE, CASTEP) and molecular codes print; B and mu
+are internal inputs whose units make d2E/dB dmu come out in ppm, so no physical constant enters the model and the
+labels (tens to thousands of ppm) train at O(1) scale instead of 1e-6. Chemical shifts delta = sigma_ref - sigma_iso
+need a reference and are not a target. Pure Python: no jax at import.
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ __all__ = [
     "TARGETS",
     "RESPONSE_QUANTITIES",
     "FIELD_QUANTITIES",
+    "MAGNETIC_QUANTITIES",
     "target",
     "target_spec",
     "target_specs",
@@ -56,6 +69,8 @@ class Target:
     irreps: str | None = None  # irreps of a target without a Cartesian form
     quantity: str | None = None  # the response quantity (energy derivative) it is, if any
     field: bool = False  # the quantity is a field derivative: the network must see the electric field
+    magnetic: bool = False  # a derivative in B and mu: the model config must set "magnetic": true
+    index_irreps: tuple[tuple[str, str], ...] | None = None  # (index, "1o" | "1e") of a tensor's axial indices
 
     def spec(self) -> dict[str, Any]:
         """What a dataset stores for this target: ``{"level", "tensor" | "irreps", "unit"}``."""
@@ -63,8 +78,15 @@ class Target:
 
     def head(self) -> dict[str, Any]:
         """The direct model head that predicts it: ``{"level", "tensor" | "irreps"}`` (``aiida_eqml.ml.models``)."""
-        shape = {"tensor": self.tensor} if self.tensor is not None else {"irreps": self.irreps}
+        shape = {"tensor": self.tensor_spec()} if self.tensor is not None else {"irreps": self.irreps}
         return {"level": self.level, **shape}
+
+    def tensor_spec(self) -> str | dict[str, Any] | None:
+        """The Cartesian type as :func:`aiida_eqml.ml.tensors.tensor_type` reads it: the formula, or
+        ``{"formula", "index_irreps"}`` when some index is axial."""
+        if self.tensor is None or self.index_irreps is None:
+            return self.tensor
+        return {"formula": self.tensor, "index_irreps": dict(self.index_irreps)}
 
 
 TARGETS: dict[str, Target] = {
@@ -84,16 +106,29 @@ TARGETS: dict[str, Target] = {
     "raman_tensors": Target(
         "node", "1/Angstrom", "d chi_ab / dtau_Ic (bto400 name)", tensor="ijk=jik", quantity="raman", field=True
     ),
+    "nmr_shielding": Target(
+        "node",
+        "ppm",
+        "sigma_{I,ab} = d2E/dB_a dmu_{I,b} (a: field, b: moment)",
+        tensor="ij",
+        index_irreps=(("i", "1e"), ("j", "1e")),
+        quantity="nmr_shielding",
+        magnetic=True,
+    ),
     "hubbard_u": Target("node", "eV", "on-site Hubbard U", irreps="0e"),
     "hubbard_v": Target("edge", "eV", "inter-site Hubbard V", irreps="0e"),
 }
 
-#: response quantity -> (level, Cartesian formula): what a derivative head of that quantity returns.
-RESPONSE_QUANTITIES: dict[str, tuple[str, str]] = {
-    t.quantity: (t.level, t.tensor) for name, t in TARGETS.items() if t.quantity is not None and name == t.quantity
+#: response quantity -> (level, Cartesian type: a formula, or {"formula", "index_irreps"}): what its head returns.
+RESPONSE_QUANTITIES: dict[str, tuple[str, str | dict]] = {
+    t.quantity: (t.level, t.tensor_spec())
+    for name, t in TARGETS.items()
+    if t.quantity is not None and name == t.quantity
 }
 #: the response quantities that are derivatives with respect to the electric field.
 FIELD_QUANTITIES: frozenset[str] = frozenset(t.quantity for t in TARGETS.values() if t.field)
+#: the response quantities that are derivatives with respect to the magnetic inputs (B, mu).
+MAGNETIC_QUANTITIES: frozenset[str] = frozenset(t.quantity for t in TARGETS.values() if t.magnetic)
 
 
 def target(name: str) -> Target:

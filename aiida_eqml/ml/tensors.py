@@ -140,8 +140,11 @@ class CartesianTensorType:
 #: Named tensor types: generic ones, and every Cartesian target of the registry (aiida_eqml.ml.targets) by its name.
 KNOWN_TENSORS = {
     "vector": ("i", {"i": "1o"}),
-    "nmr_shielding": ("ij", {"i": "1e", "j": "1e"}),
-    **{name: (t.tensor, None) for name, t in TARGETS.items() if t.tensor is not None},
+    **{
+        name: (t.tensor, dict(t.index_irreps) if t.index_irreps else None)
+        for name, t in TARGETS.items()
+        if t.tensor is not None
+    },
 }
 
 
