@@ -242,6 +242,8 @@ def main(argv=None) -> None:
     from aiida_eqml.ml.hubbard.reference import reference_metadata  # noqa: F401  (the loader this feeds)
     from aiida_eqml.ml.modelfile import file_sha256, load_model
 
+    # the code that trains, taken before this script writes its output into the package (which would read as dirty)
+    commit = git_commit()
     record, files = load_labels(args.labels)
     flags = label_flags(record, min_gap_ev=args.min_gap)
     for index, issues in flags.items():
@@ -312,7 +314,7 @@ def main(argv=None) -> None:
     meta = {
         "name": name,
         "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-        "commit": git_commit(),
+        "commit": commit,
         "protocol": protocol,
         "protocol_fingerprint": protocol_fingerprint(protocol) if protocol else None,
         "species": list(configs[0]["species"]),
