@@ -66,10 +66,10 @@ def state(key: str) -> str:
 
 def build(name: str, strain: float, key: str, codes: dict, repeat: tuple[int, int, int] = (1, 1, 1), *,
           structure=None, max_iterations: int = MAX_ITERATIONS, qpoints_distance: float = 100.0,
-          kpoints_distance: float | None = None):
+          kpoints_distance: float | None = None, ecutwfc: float | None = None):
     """The cell's ``eqml.labels.hubbard`` builder at the reference protocol. The keywords change one setting for a
     sensitivity test (``benchmarks/hubbard_protocol.py``): a structure with other starting U, the number of
-    iterations, the hp.x q and scf k distances."""
+    iterations, the hp.x q and scf k distances, the wavefunction cutoff (Ry; the density cutoff kept at 4x)."""
     from aiida_eqml.local.hubbard_materials import MATERIALS, hubbard_structure
     from aiida_eqml.ml.hubbard.protocol import REFERENCE_PROTOCOL as P
     from aiida_eqml.workflows.labels.hubbard import HubbardLabelsWorkChain
@@ -89,7 +89,8 @@ def build(name: str, strain: float, key: str, codes: dict, repeat: tuple[int, in
                 'kpoints_force_parity': False,
                 'pw': {'parameters': {
                     'CONTROL': {'tstress': False, 'tprnfor': False},  # labels need neither
-                    'SYSTEM': {'ecutwfc': P['ecutwfc_ry'], 'ecutrho': P['ecutrho_ry'],
+                    'SYSTEM': {'ecutwfc': P['ecutwfc_ry'] if ecutwfc is None else ecutwfc,
+                               'ecutrho': P['ecutrho_ry'] if ecutwfc is None else 4 * ecutwfc,
                                'smearing': P['smearing'], 'degauss': P['degauss_ry']},
                     'ELECTRONS': {'conv_thr': P['conv_thr_per_atom_ry'] * len(structure.sites)},
                 }},

@@ -10,6 +10,7 @@ label's own U_out (same U_in, reference meshes); ``--run q=1`` repeats it as a r
 
     python benchmarks/hubbard_protocol.py --run q=2                 # hp.x on a 2x2x2 q mesh
     python benchmarks/hubbard_protocol.py --run q=2 --run k=0.6     # and the scf at aiida-hubbard's `fast` k
+    python benchmarks/hubbard_protocol.py --run ecut=90             # the converged cutoff (90 / 360 Ry)
 
 Each run is one ``eqml.labels.hubbard`` iteration (smearing scf, fixed-occupation scf, hp.x) in the profile, run in
 this process. Writes ``docs/benchmarks/hubbard_protocol.json`` (command, commit, the base label, per run: k and q
@@ -56,12 +57,12 @@ def distance_for_mesh(structure, n: int) -> float:
 
 
 def parse_run(text: str) -> dict:
-    """``q=2`` / ``k=0.6`` / ``q=2,k=0.6`` -> {'q': 2, 'k': 0.6}."""
+    """``q=2`` / ``k=0.6`` / ``ecut=90`` / ``q=2,k=0.6`` -> {'q': 2, 'k': 0.6}."""
     run = {}
     for item in text.split(','):
         name, _, value = item.partition('=')
-        if name not in ('q', 'k') or not value:
-            raise SystemExit(f'--run {text}: expected q=N and/or k=DISTANCE, e.g. q=2 or k=0.6')
+        if name not in ('q', 'k', 'ecut') or not value:
+            raise SystemExit(f'--run {text}: expected q=N, k=DISTANCE and/or ecut=RY, e.g. q=2, k=0.6 or ecut=90')
         run[name] = int(value) if name == 'q' else float(value)
     return run
 
@@ -117,8 +118,9 @@ def main(argv=None) -> None:
         q = run.get('q', 1)
         q_distance = 100.0 if q == 1 else distance_for_mesh(structure, q)
         key = f"{args.cell}_protocol_" + text.replace('=', '').replace(',', '_').replace('.', 'p')
+        ecutwfc = run.get('ecut', REFERENCE_PROTOCOL['ecutwfc_ry'])
         builder = build(meta['material'], meta['strain'], key, codes, structure=structure, max_iterations=1,
-                        qpoints_distance=q_distance, kpoints_distance=k_distance)
+                        qpoints_distance=q_distance, kpoints_distance=k_distance, ecutwfc=ecutwfc)
         start = time.time()
         _, node = run_get_node(builder)
         wall = time.time() - start
@@ -131,7 +133,8 @@ def main(argv=None) -> None:
         u = {i: float(v) for i, v in enumerate(sample.node_targets['hubbard_u'][:, 0]) if np.isfinite(v)}
         rows.append({
             'run': text, 'k_distance': k_distance, 'k_mesh': mesh(structure, k_distance), 'q_mesh': [q, q, q],
-            'q_distance': q_distance, 'u': u, 'd_u': {i: u[i] - u_label[i] for i in u if i in u_label},
+            'q_distance': q_distance, 'ecutwfc_ry': ecutwfc, 'ecutrho_ry': 4 * ecutwfc,
+            'u': u, 'd_u': {i: u[i] - u_label[i] for i in u if i in u_label},
             'd_u_rel': {i: (u[i] - u_label[i]) / u_label[i] for i in u if i in u_label},
             'band_gap_ev': sample.info.get('band_gap_ev'), 'wall_s': wall, 'workchain_uuid': node.uuid,
         })
