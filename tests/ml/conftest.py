@@ -1,8 +1,22 @@
-"""Small shared fixtures for the ML tests: tiny random periodic structures."""
+"""Small shared fixtures for the ML tests: tiny random periodic structures and the tiny model core they run."""
 
 import ase
 import numpy as np
 import pytest
+
+SPECIES = ["Ba", "Ti", "O"]
+CUTOFF = 3.5
+#: Tiny on purpose: the tests check symmetry and derivatives, not accuracy, and XLA compile time dominates.
+TINY_CORE = {
+    "species": SPECIES,
+    "cutoff": CUTOFF,
+    "num_layers": 1,
+    "hidden_irreps": "4x0e + 2x1o + 2x1e + 2x2e",
+    "radial_hidden": [8],
+    "num_radial_basis": 4,
+    "avg_num_neighbors": 10.0,
+    "readout_product_mul": 2,
+}
 
 
 def random_periodic_atoms(seed: int = 0, n_atoms: int = 4, symbols=("Ba", "Ti", "O"), cell_length: float = 4.0):

@@ -4,25 +4,17 @@ import e3nn_jax as e3nn
 import jax
 import numpy as np
 import pytest
+from conftest import CUTOFF, SPECIES, TINY_CORE
 
 from aiida_eqml.ml.graph import batch_graphs, graph_from_atoms, padding_bucket
 from aiida_eqml.ml.models import build_model
 
-SPECIES = ["Ba", "Ti", "O"]
-CUTOFF = 3.5
 # Tiny on purpose: the tests check symmetry, not accuracy, and XLA compile time dominates.
 TINY = {
-    "species": SPECIES,
-    "cutoff": CUTOFF,
-    "num_layers": 1,
-    "hidden_irreps": "4x0e + 2x1o + 2x1e + 2x2e",
-    "radial_hidden": [8],
-    "num_radial_basis": 4,
-    "avg_num_neighbors": 10.0,
+    **TINY_CORE,
     "mace_channels": 2,
     "correlation": 2,
     "mace_lmax": 1,
-    "readout_product_mul": 2,
     "node_attrs": {"occ": "0e + 2e"},
     "heads": {
         "born": {"level": "node", "tensor": "ij"},

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_periodic_atoms
+from conftest import CUTOFF, SPECIES, TINY_CORE, random_periodic_atoms
 
 from aiida_eqml.ml.config_schema import ConfigError, validate_model_config
 from aiida_eqml.ml.graph import batch_graphs, graph_from_atoms
@@ -19,17 +19,8 @@ from aiida_eqml.ml.modelfile_checks import _expected_modules
 from aiida_eqml.ml.models import build_model, normalize_config
 from aiida_eqml.ml.response import model_energy_fn, response_cartesian
 
-SPECIES = ["Ba", "Ti", "O"]
-CUTOFF = 3.5
 BASE = {
-    "species": SPECIES,
-    "cutoff": CUTOFF,
-    "num_layers": 1,
-    "hidden_irreps": "4x0e + 2x1o + 2x1e + 2x2e",
-    "radial_hidden": [8],
-    "num_radial_basis": 4,
-    "avg_num_neighbors": 10.0,
-    "readout_product_mul": 2,
+    **TINY_CORE,
     "dtype": "float64",
     "heads": {"energy": {"level": "graph", "irreps": "0e"}, "forces": {"route": "derivative"}},
 }

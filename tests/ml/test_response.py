@@ -4,22 +4,14 @@ import e3nn_jax as e3nn
 import jax
 import numpy as np
 import pytest
+from conftest import CUTOFF, SPECIES, TINY_CORE
 
 from aiida_eqml.ml.graph import batch_graphs, graph_from_atoms
 from aiida_eqml.ml.models import build_model
 from aiida_eqml.ml.response import EPS0
 
-SPECIES = ["Ba", "Ti", "O"]
-CUTOFF = 3.5
 CONFIG = {
-    "species": SPECIES,
-    "cutoff": CUTOFF,
-    "num_layers": 1,
-    "hidden_irreps": "4x0e + 2x1o + 2x1e + 2x2e",
-    "radial_hidden": [8],
-    "num_radial_basis": 4,
-    "avg_num_neighbors": 10.0,
-    "readout_product_mul": 2,
+    **TINY_CORE,
     "dtype": "float64",
     "heads": {
         "energy": {"level": "graph", "irreps": "0e"},
