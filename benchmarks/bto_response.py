@@ -295,7 +295,9 @@ def merge_json(path: Path, section: str, payload: dict) -> None:
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "benchmarks", "aiida_eqml"], capture_output=True,
                            text=True, cwd=here).stdout.strip()
     data = json.loads(path.read_text()) if path.exists() else {}
-    data[section] = {**payload, "commit": commit + ("+dirty" if dirty else "")}  # the code that wrote the section
+    command = " ".join([os.path.relpath(sys.argv[0], here.parent), *sys.argv[1:]])
+    # the command and code that wrote the section (a payload's own, more specific command is kept)
+    data[section] = {"command": command, **payload, "commit": commit + ("+dirty" if dirty else "")}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
 

@@ -45,15 +45,17 @@ def mesh(structure, distance: float) -> list[int]:
 
 
 def distance_for_mesh(structure, n: int) -> float:
-    """A q distance that gives the n x n x n mesh on this cell (hp.x's input here is a distance, as in
-    aiida-hubbard's protocols)."""
-    for distance in np.geomspace(100.0, 0.05, 4000):
-        found = mesh(structure, float(distance))
-        if found == [n, n, n]:
-            return float(distance)
-        if max(found) > n:
-            break
-    raise SystemExit(f'--run q={n}: no distance gives a {n}x{n}x{n} q mesh on this cell (it is not cubic enough)')
+    """The q distance that gives the n x n x n mesh on this cell (hp.x's input here is a distance, as in
+    aiida-hubbard's protocols): aiida's mesh is ceil(|b_i| / distance) per axis, so |b|_max / n gives n along the
+    longest reciprocal vector, and n along the others when the cell is close enough to isotropic."""
+    from aiida import orm
+
+    kpoints = orm.KpointsData()
+    kpoints.set_cell_from_structure(structure)
+    distance = float(np.linalg.norm(kpoints.reciprocal_cell, axis=1).max()) / n
+    if mesh(structure, distance) != [n, n, n]:
+        raise SystemExit(f'--run q={n}: no distance gives a {n}x{n}x{n} q mesh on this cell (it is not cubic enough)')
+    return distance
 
 
 def parse_run(text: str) -> dict:
