@@ -44,7 +44,7 @@ MAX_ITERATIONS = 3
 ORDER = (
     'NiO-rocksalt-afm2', 'LiCoO2-layered', 'MnO-rocksalt-afm2', 'SrTiO3-perovskite', 'NiO2-layered',
     'CoO-rocksalt-afm2', 'TiO2-rutile', 'FeO-rocksalt-afm2', 'MnO2-rutile-afm', 'LiNiO2-layered', 'CoO2-layered',
-    'NiO-rocksalt-fm', 'MnO-rocksalt-fm', 'Li2NiCoO4-layered', 'Sr3Ti2O7-ruddlesden-popper',
+    'NiO-rocksalt-fm', 'MnO-rocksalt-fm', 'Li2NiCoO4-layered', 'Sr3Ti2O7-ruddlesden-popper', 'TiO2-anatase',
 )
 
 
@@ -72,6 +72,7 @@ def build(name: str, strain: float, key: str, codes: dict, repeat: tuple[int, in
     iterations, the hp.x q and scf k distances, the wavefunction cutoff (Ry; the density cutoff kept at 4x)."""
     from aiida_eqml.local.hubbard_materials import MATERIALS, hubbard_structure
     from aiida_eqml.ml.hubbard.protocol import REFERENCE_PROTOCOL as P
+    from aiida_eqml.workflows.hubbard.fft_grid import symmetric_fft_grid
     from aiida_eqml.workflows.labels.hubbard import HubbardLabelsWorkChain
 
     material = MATERIALS[name]
@@ -99,6 +100,8 @@ def build(name: str, strain: float, key: str, codes: dict, repeat: tuple[int, in
             'hubbard': {'qpoints_distance': qpoints_distance, 'parallelize_atoms': False, 'parallelize_qpoints': False},
         },
     }
+    system = overrides['hubbard_loop']['scf']['pw']['parameters']['SYSTEM']
+    system.update(symmetric_fft_grid(structure.get_ase(), system['ecutrho']))  # {} but for e.g. anatase (hp.x)
     builder = HubbardLabelsWorkChain.get_builder_from_protocol(
         codes['pw'], codes['hp'], {key: structure}, protocol='fast', overrides=overrides,
         starting_magnetization={key: magnetization} if magnetization else None,

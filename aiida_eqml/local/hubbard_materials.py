@@ -138,6 +138,22 @@ def _perovskite(metal: str, a_site: str, a: float):
     ])
 
 
+def _anatase(metal: str, a: float, c: float, u: float):
+    """Anatase (I4_1/amd): the 6-atom body-centred primitive cell, from the conventional cell's Wyckoff positions in
+    origin choice 1 (M 4a at 0, 0, 0; O 8e at 0, 0, u) of one of its two lattice points."""
+    cell = 0.5 * np.array([[-a, a, c], [a, -a, c], [a, a, -c]])
+    cartesian = [(metal, metal, (0.0, 0.0, 0.0)), (metal, metal, (0.0, a / 2, c / 4))]
+    cartesian += [('O', 'O', (0.0, 0.0, s * u * c)) for s in (1, -1)]
+    cartesian += [('O', 'O', (0.0, a / 2, c / 4 + s * u * c)) for s in (1, -1)]
+
+    def sites():
+        inverse = np.linalg.inv(cell)
+        wrapped = [(s, k, np.dot(np.mod(np.dot(np.asarray(r), inverse), 1.0), cell)) for s, k, r in cartesian]
+        return cell, [(s, k, tuple(float(x) for x in r)) for s, k, r in wrapped]
+
+    return sites
+
+
 def _ruddlesden_popper_n2(metal: str, a_site: str, a: float, c: float, z_a: float, z_m: float, z_apical: float,
                           z_equatorial: float):
     """A3M2O7, the n = 2 Ruddlesden-Popper phase (I4/mmm): the 12-atom body-centred primitive cell, from the
@@ -226,6 +242,9 @@ def _materials() -> dict[str, HubbardMaterial]:
             'beta-MnO2, collinear AFM approximant of its helix',
         ),
         HubbardMaterial('TiO2-rutile', 'rutile', 'Ti', 'nm', 'U+V', _rutile('Ti', 4.594, 2.959, 0.3048, False)),
+        # Anatase, U+V: a second structure type of the same composition (TiO6 octahedra sharing four edges instead
+        # of two), so that a held-out TiO2 is not the only Ti oxide of its kind
+        HubbardMaterial('TiO2-anatase', 'anatase', 'Ti', 'nm', 'U+V', _anatase('Ti', 3.785, 9.514, 0.2081)),
         # Cubic perovskite, U+V.
         HubbardMaterial('SrTiO3-perovskite', 'perovskite', 'Ti', 'nm', 'U+V', _perovskite('Ti', 'Sr', 3.905)),
         # Ruddlesden-Popper n = 2 (bilayer perovskite), U+V: 12 atoms, the >= 8-atom held-out material of

@@ -46,3 +46,31 @@ def test_supercell_factors_must_be_positive(aiida_profile):
 
     with pytest.raises(ValueError, match=r'\(0, 1, 1\)'):
         hubbard_structure('NiO-rocksalt-afm2', repeat=(0, 1, 1))
+
+
+def test_anatase_is_the_experimental_crystal():
+    """TiO2-anatase: the body-centred primitive cell of I4_1/amd (a = 3.785, c = 9.514 A, u = 0.2081) holds half the
+    conventional cell; each Ti has two apical O at u c = 1.980 A and four equatorial O at 1.934 A, the distances
+    computed here from the Wyckoff positions (Ti 4a at 0; O 8e at (0, 0, u c) and, around the neighbouring Ti
+    column, at (a/2, 0, c/4 - u c)), not from the builder."""
+    import spglib
+
+    from aiida_eqml.local.hubbard_materials import MATERIALS
+
+    a, c, u = 3.785, 9.514, 0.2081
+    cell, sites = MATERIALS['TiO2-anatase'].sites()
+    symbols = [s for s, _, _ in sites]
+    assert symbols == ['Ti', 'Ti', 'O', 'O', 'O', 'O']  # Hubbard atoms first
+    assert abs(np.linalg.det(cell)) == pytest.approx(a * a * c / 2)
+    numbers = [22 if s == 'Ti' else 8 for s in symbols]
+    fractional = np.linalg.solve(np.asarray(cell).T, np.array([p for *_, p in sites]).T).T
+    assert spglib.get_spacegroup((cell, fractional, numbers)) == 'I4_1/amd (141)'
+    apical = u * c  # Ti at 0, O at (0, 0, u c)
+    equatorial = np.hypot(a / 2, c / 4 - u * c)  # Ti at 0, O at (a/2, 0, c/4 - u c) of the other Ti's column
+    import ase
+
+    atoms = ase.Atoms(symbols, positions=[p for *_, p in sites], cell=cell, pbc=True)
+    for ti in (0, 1):
+        shell = np.sort(neighbour_distances(atoms, ti, cutoff=2.5))
+        np.testing.assert_allclose(shell, sorted([equatorial] * 4 + [apical] * 2), atol=1e-6)
+    assert equatorial == pytest.approx(1.934, abs=1e-3) and apical == pytest.approx(1.980, abs=1e-3)

@@ -139,6 +139,8 @@ def test_ml_loop_converges_and_reaches_the_dft_labels(ml_run, trained_model, fal
     assert {record['source'] for record in history} == {'ml'} and history[-1]['converged']
     assert 2 <= len(history) <= 4 and not any(r['converged'] for r in history[:-1])
     assert not node.base.links.get_outgoing(link_label_filter='iteration_%_hp').all()  # no hp.x inside the loop
+    # its labels were on Ni 3d and O 2p, the parameters the loop asks, so the element check let it run
+    assert trained_model[0].read()[2]['hubbard']['u_species'] == ['Ni', 'O']
 
     # Each scf ran with the previous iteration's prediction, and from the previous ground state.
     scf_2 = node.base.links.get_outgoing(link_label_filter='iteration_02_scf_smearing').one().node
@@ -250,6 +252,14 @@ def test_inputs_outside_the_models_domain_are_refused_before_anything_runs(
     parameters['SYSTEM'].update({'ecutwfc': 30.0, 'ecutrho': 120.0})  # ... a user who changes it is refused
     builder.scf.pw.parameters = orm.Dict(parameters)
     refused(builder, 'ecutwfc_ry: model 60.0, run 30.0', 'eqml-hubbard-reference-v1')
+
+    # U of an element that no training label carried: the models know Ni 3d and (from their slots) l = 1, but a model
+    # whose labels were all on Ni says nothing about U(O 2p), which the structure asks.
+    path = tmp_path / 'ni-labels-only.eqml'
+    save_model(path, config, params, {**metadata, 'hubbard': {**metadata.get('hubbard', {}), 'u_species': ['Ni']}})
+    ni_only = EqmlModelData(filepath=path).store()
+    refused(loop_builder(qe_codes, loop_structure, ni_only, hp=False), "trained on U labels of ['Ni']",
+            "asks U of ['O']")
 
     # A fallback threshold without hp.x inputs.
     builder = loop_builder(qe_codes, loop_structure, untrained_models, hp=False)

@@ -279,7 +279,9 @@ def test_hubbard_model_trained_by_the_calcjob_predicts_u_and_v(aiida_profile, tm
     assert sorted(model.targets) == ['hubbard_u', 'hubbard_v']
     _, _, metadata = model.read()
     # Ni 3d and O 2p; the couples in both directions (occup.txt gives n^IJ and n^JI)
-    assert metadata['hubbard'] == {'manifold_ls': [1, 2], 'pair_ls': [[1, 2], [2, 1]]}
+    # (and which elements carried the labels: U on Ni, V on Ni-O, what the loop's domain check reads)
+    assert metadata['hubbard'] == {'manifold_ls': [1, 2], 'pair_ls': [[1, 2], [2, 1]], 'u_species': ['Ni'],
+                                   'v_species_pairs': [['Ni', 'O']]}
 
     result, node = predict_hubbard.run_get_node(structure, occupations, model=model)
     assert node.is_finished_ok, node.exit_message

@@ -42,3 +42,6 @@ def test_mixed_u_and_uv_record_trains(tmp_path):
     _, _, metadata = read_model_file(tmp_path / 'run' / 'model.eqml')
     assert metadata['protocol']['name'] == 'eqml-hubbard-reference-v1'  # the labels' protocol travels with the model
     assert metadata['hubbard']['manifold_ls'] == [1, 2] and np.isfinite(train['hubbard_v']['mae'])
+    # which elements carried the labels, for the ML loop's domain check (the descriptor knows only l)
+    assert metadata['hubbard']['u_species'] == ['Co', 'Ni']
+    assert metadata['hubbard']['v_species_pairs'] == [['Co', 'O']]

@@ -24,8 +24,8 @@ from aiida_eqml.ml.hubbard.records import (
     record_manifolds,
 )
 
-__all__ = ("is_hubbard_record", "descriptor_slots", "scf_values", "residual_targets", "add_scf_values",
-           "prepare_hubbard_training")
+__all__ = ("is_hubbard_record", "descriptor_slots", "labelled_species", "scf_values", "residual_targets",
+           "add_scf_values", "prepare_hubbard_training")
 
 
 def is_hubbard_record(dataset: Dataset) -> bool:
@@ -47,6 +47,30 @@ def descriptor_slots(
     manifold_ls = tuple(int(l) for l in stored.get("manifold_ls", found_ls))
     pair_ls = tuple(tuple(int(l) for l in p) for p in stored.get("pair_ls", found_pairs)) if with_pairs else ()
     return manifold_ls, pair_ls
+
+
+def labelled_species(record: Dataset) -> dict[str, list]:
+    """``{"u_species": [element with a U label], "v_species_pairs": [[A, B] with a V label, A <= B]}``.
+
+    What the descriptor cannot tell: it knows a site's shell (l), not which element carries it, so a model trained
+    on Ni 3d and Ti 3d reads a Co 3d site as readily (and as blindly) as a Ni one. The ML loop refuses a structure
+    that asks U of an element, or V of an element pair, outside these lists
+    (:func:`aiida_eqml.workflows.hubbard.domain.check_model_domain`). Taken over every sample of the record the
+    model is trained on (its validation and test samples included: a random split of one record's samples).
+    """
+    import ase.data
+
+    u_species, v_pairs = set(), set()
+    for s in record.samples:
+        symbols = [ase.data.chemical_symbols[int(z)] for z in s.numbers]
+        u = s.node_targets.get("hubbard_u")
+        if u is not None:
+            u_species |= {symbols[i] for i in np.flatnonzero(np.isfinite(np.asarray(u, np.float64).reshape(-1)))}
+        v = s.edge_targets.get("hubbard_v")
+        if v is not None and len(v.keys):
+            finite = np.isfinite(np.asarray(v.values, np.float64).reshape(-1))
+            v_pairs |= {tuple(sorted((symbols[int(i)], symbols[int(j)]))) for i, j in v.keys[finite, :2]}
+    return {"u_species": sorted(u_species), "v_species_pairs": [list(p) for p in sorted(v_pairs)]}
 
 
 def scf_values(sample, kind: str, keys=None) -> np.ndarray:
@@ -137,6 +161,16 @@ def prepare_hubbard_training(
         if heads:
             config["model"]["heads"] = heads
     slots = {"manifold_ls": list(manifold_ls), "pair_ls": [list(p) for p in pair_ls]}
+    labelled = labelled_species(record)
+    if parent_metadata is not None and "u_species" not in parent_slots:
+        labelled = {}  # a parent from before these lists: what it was trained on is unknown, so nothing is claimed
+    elif parent_metadata is not None:  # fine-tuning keeps what the parent learnt
+        parent_u = set(parent_slots.get("u_species", []))
+        parent_v = {tuple(p) for p in parent_slots.get("v_species_pairs", [])}
+        pairs = parent_v | set(map(tuple, labelled["v_species_pairs"]))
+        labelled = {"u_species": sorted(parent_u | set(labelled["u_species"])),
+                    "v_species_pairs": [list(p) for p in sorted(pairs)]}
+    slots.update(labelled)
     if residual:
         slots["residual"] = True  # absent (not False) otherwise: the metadata of earlier models stays as it was
     return dataset, config, slots

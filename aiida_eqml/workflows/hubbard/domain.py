@@ -1,10 +1,11 @@
 """What a Hubbard model can be asked: its species, manifolds, heads and DFT protocol, checked before any job runs.
 
 The self-consistent ML loop calls :func:`check_model_domain` in its first step: a structure with an element, a
-Hubbard manifold (l of the shell) or a kind of parameter (V) the models were not trained on, or a run at a DFT
-protocol other than the one of the training labels, is refused with a message naming what differs — before a
-single pw.x runs. Convergence of the loop (:func:`parameter_changes`) compares parameters by their identity
-``(i, j, S, manifolds)``, never by their position in a list (aiida-hubbard reorders one list and not the other).
+Hubbard manifold (l of the shell) or a kind of parameter (V) the models were not trained on, U of an element or V of
+an element pair without training labels, or a run at a DFT protocol other than the one of the training labels, is
+refused with a message naming what differs — before a single pw.x runs. Convergence of the loop
+(:func:`parameter_changes`) compares parameters by their identity ``(i, j, S, manifolds)``, never by their position
+in a list (aiida-hubbard reorders one list and not the other).
 """
 from __future__ import annotations
 
@@ -87,6 +88,10 @@ def check_model_domain(model_nodes: Mapping[str, Any], hubbard_structure, protoc
     }
     needed_pairs = {(manifold_l(p.atom_manifold), manifold_l(p.neighbour_manifold))
                     for p in parameters if not is_onsite(parameter_key(p))}
+    site_symbol = [hubbard_structure.get_kind(site.kind_name).symbol for site in hubbard_structure.sites]
+    needed_u_species = {site_symbol[p.atom_index] for p in parameters if is_onsite(parameter_key(p))}
+    needed_v_pairs = {tuple(sorted((site_symbol[p.atom_index], site_symbol[p.neighbour_index])))
+                      for p in parameters if not is_onsite(parameter_key(p))}
     reference = None
     for label in sorted(model_nodes):
         node = model_nodes[label]
@@ -120,6 +125,20 @@ def check_model_domain(model_nodes: Mapping[str, Any], hubbard_structure, protoc
                 f'{where} was trained on V between manifolds {sorted(trained_pairs)}; the '
                 f'structure has {sorted(needed_pairs - trained_pairs)}',
             )
+        # Which elements carried the labels (models trained since the fifth session record it; older ones do not,
+        # and are checked on species and l only): a descriptor of l cannot tell a Co 3d site from a Ni 3d one.
+        if 'u_species' in slots:
+            unlabelled = sorted(needed_u_species - set(slots['u_species']))
+            if unlabelled:
+                raise ModelDomainError('species', f'{where} was trained on U labels of {slots["u_species"]}; the '
+                                                  f'structure asks U of {unlabelled}')
+        if needs_v and 'v_species_pairs' in slots:
+            unlabelled = sorted(needed_v_pairs - {tuple(pair) for pair in slots['v_species_pairs']})
+            if unlabelled:
+                pairs = ', '.join('-'.join(pair) for pair in unlabelled)
+                trained = ', '.join('-'.join(pair) for pair in slots['v_species_pairs']) or 'none'
+                raise ModelDomainError('species', f'{where} was trained on V labels of the element pairs {trained}; '
+                                                  f'the structure asks V of {pairs}')
         model_protocol = metadata.get('protocol')
         if reference is None:
             reference = (targets, model_protocol)
@@ -137,5 +156,4 @@ def check_model_domain(model_nodes: Mapping[str, Any], hubbard_structure, protoc
                 f'{model_protocol.get("name", "?")!r}; this run differs in ' + '; '.join(differences),
             )
         checked = sorted(common)
-    # The descriptors know l, not which element carried which shell in training: species and l are what is checked.
     return {'predicts_v': needs_v, 'protocol_checked': checked, 'model_protocol': model_protocol}

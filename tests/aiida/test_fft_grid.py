@@ -1,0 +1,30 @@
+"""The FFT grid hp.x needs: one size on the axes a symmetry mixes (:mod:`aiida_eqml.workflows.hubbard.fft_grid`).
+
+Anatase TiO2's body-centred primitive cell at 240 Ry: pw.x 7.2 chose (60, 60, 54) (measured in the campaign's first
+anatase runs, `FFT dimensions` of the scf output) and hp.x then stopped in scale_sym_ops. The sizes here are checked
+against that measured choice, so the estimate of pw.x's own grid is pw.x's, not a guess that agrees with itself.
+"""
+import pytest
+
+
+def test_anatase_gets_one_size_and_other_cells_keep_pw_x_choice(aiida_profile):
+    from aiida_eqml.local.hubbard_materials import MATERIALS, hubbard_structure
+    from aiida_eqml.workflows.hubbard import fft_grid
+
+    anatase = hubbard_structure('TiO2-anatase').get_ase()
+    # pw.x's own per-axis sizes (start size, then enlarged for the 1/4 translations along a1 and a2): measured
+    base = fft_grid._axis_sizes(anatase.cell[:], 240.0)
+    assert [fft_grid._good_fft_order(n, d) for n, d in zip(base, (4, 4, 1))] == [60, 60, 54]
+    assert fft_grid.symmetric_fft_grid(anatase, 240.0) == {'nr1': 60, 'nr2': 60, 'nr3': 60}
+
+    # cells whose grid pw.x already makes consistent are left to pw.x (their labels stay as they were)
+    for name in MATERIALS:
+        if name != 'TiO2-anatase':
+            assert fft_grid.symmetric_fft_grid(hubbard_structure(name).get_ase(), 240.0) == {}, name
+
+
+@pytest.mark.parametrize('n, divisor, expected', [(51, 1, 54), (51, 4, 60), (49, 1, 50), (61, 2, 64), (7, 1, 8)])
+def test_good_fft_order(n, divisor, expected):
+    from aiida_eqml.workflows.hubbard.fft_grid import _good_fft_order
+
+    assert _good_fft_order(n, divisor) == expected
