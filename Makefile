@@ -40,7 +40,7 @@ demo-dfpt: setup
 
 # (b) the whole suite. pytest exits non-zero on failures, errors and on "no tests collected" (5).
 test: venv
-	CI=true $(BIN)/python -m pytest tests/ -ra $(PYTEST_ARGS) </dev/null
+	CI=true $(BIN)/python -m pytest tests/ -ra --durations=25 $(PYTEST_ARGS) </dev/null
 
 clean-venv:
 	rm -rf $(VENV)

@@ -200,6 +200,12 @@ def run_one(dataset, route, target, train_idx, val_idx, epochs, batch_size, lr, 
         "best_val_loss": min(h["val_loss"] for h in result.history),
         "normalization_scale": scale,
         "wall_s": seconds,
+        # compile vs run (issue 11): epoch 1 holds the jit compilation of the step and of the evaluation (one padded
+        # shape each), later epochs only run them; first_epoch_s - later_epoch_s is the compile time (to the spread
+        # of the later epochs)
+        "first_epoch_s": result.history[0]["time_s"],
+        "later_epoch_s": float(np.median([h["time_s"] for h in result.history[1:]])) if len(result.history) > 1
+        else None,
     }
 
 

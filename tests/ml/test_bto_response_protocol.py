@@ -72,6 +72,8 @@ def test_bto_response_protocol_end_to_end(tmp_path):
     assert row["test_mae_mean"] == pytest.approx(sum(maes) / 2)
     assert row["test_mae_std"] == pytest.approx(abs(maes[0] - maes[1]) / 2**0.5)
     assert all(r["best_epoch"] == 1 and r["epochs_run"] == 1 for r in per_seed)
+    # compile and run time kept apart: one epoch has no later epoch to compare with
+    assert all(r["first_epoch_s"] > 0 and r["later_epoch_s"] is None for r in per_seed)
     assert "validation set: the 4 valid files before them" in stdout
 
     # --plot-only: this section with error bars, an older-protocol section drawn, a section without test MAE skipped
