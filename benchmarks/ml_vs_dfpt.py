@@ -73,6 +73,7 @@ def dfpt_from_campaign(key: str):
     # it was stopped in up to the stop: a lower bound of what the whole DFPT loop costs (dfpt_complete false)
     wall = meta['wall_s'] if complete else sum(s['wall_s'] for s in meta['steps'])
     return {'wall_s': wall, 'complete': complete, 'iterations': iterations,
+            'exit': None if complete else f'{meta.get("exit_status")}: {meta.get("exit_message")}',
             'u': iterations[-1]['u'] if iterations else {}, 'v': iterations[-1]['v'] if iterations else {},
             'absolute_magnetization': last.get('absolute_magnetization'), 'band_gap_ev': last.get('band_gap_ev'),
             'source': f'campaign cell {key} (workchain uuid {meta["workchain_uuid"]})'}
@@ -118,7 +119,9 @@ def dfpt_summary(node, wall: float | None = None):
     scf = hps[-1].node.inputs.hp.parent_scf.creator
     state = scf_diagnostics(scf.inputs.parameters.get_dict(), scf.outputs.output_parameters.get_dict(),
                             scf.outputs.output_band)
-    return {'wall_s': wall, 'complete': node.is_finished_ok, 'iterations': iterations, 'u': iterations[-1]['u'],
+    exit_status = None if node.exit_status is None else f'{node.exit_status}: {node.exit_message}'
+    return {'wall_s': wall, 'complete': node.is_finished_ok, 'exit': exit_status, 'iterations': iterations,
+            'u': iterations[-1]['u'],
             'v': iterations[-1]['v'], 'absolute_magnetization': state['absolute_magnetization'],
             'band_gap_ev': state['band_gap_ev'],
             'source': f'run here: eqml.labels.hubbard pk {node.pk} (uuid {node.uuid})'}
@@ -270,7 +273,7 @@ def main(argv=None) -> None:
             ml = run_ml(name, models, codes, repeat)
         load_after = os.getloadavg()[0]
         n_atoms = len(supercell_sites(MATERIALS[name], repeat)[1])
-        moment = dfpt['absolute_magnetization']
+        moment, complete = dfpt['absolute_magnetization'], dfpt['complete']
         rows.append(
             {
                 'material': spec,
@@ -280,16 +283,22 @@ def main(argv=None) -> None:
                 'ml_s': ml['wall_s'],
                 'speedup': dfpt['wall_s'] / ml['wall_s'],
                 'ml_over_scf_floor': ml['wall_s'] / ml['scf_s'],
-                'mare_u': _mare(ml['u'], dfpt['u']),
-                'mare_v': _mare(ml['v'], dfpt['v']),
+                # against the DFPT loop's converged values only: the iterate of a loop that stopped or failed
+                # is not what the ML loop should reach (it is kept in the json's dfpt_u_last_iteration)
+                'mare_u': _mare(ml['u'], dfpt['u']) if complete else None,
+                'mare_v': _mare(ml['v'], dfpt['v']) if complete else None,
                 'd_moment_rel': (abs(ml['absolute_magnetization'] - moment) / moment
-                                 if moment is not None and moment > 0.1 else None),
-                'd_gap_ev': None if dfpt['band_gap_ev'] is None else abs(ml['band_gap_ev'] - dfpt['band_gap_ev']),
+                                 if complete and moment is not None and moment > 0.1 else None),
+                'd_gap_ev': (abs(ml['band_gap_ev'] - dfpt['band_gap_ev'])
+                             if complete and dfpt['band_gap_ev'] is not None else None),
                 'iterations_ml': len(ml['iterations']),
                 'iterations_dfpt': len(dfpt['iterations']),
                 'dfpt_source': dfpt['source'],
                 # false: the DFPT loop was stopped before it converged; dfpt_s, speedup are then lower bounds
                 'dfpt_complete': dfpt['complete'],
+                'dfpt_exit': dfpt.get('exit'),
+                'dfpt_u_last_iteration': None if complete else {str(k): v for k, v in dfpt['u'].items()},
+                'ml_u': {str(k): v for k, v in ml['u'].items()},
                 'dfpt_reused': reuse or spec in dfpt_nodes,
                 'ml_workchain_pk': ml['pk'],
                 'ml_reused': spec in ml_nodes,
