@@ -72,7 +72,6 @@ def build(name: str, strain: float, key: str, codes: dict, repeat: tuple[int, in
     iterations, the hp.x q and scf k distances, the wavefunction cutoff (Ry; the density cutoff kept at 4x)."""
     from aiida_eqml.local.hubbard_materials import MATERIALS, hubbard_structure
     from aiida_eqml.ml.hubbard.protocol import REFERENCE_PROTOCOL as P
-    from aiida_eqml.workflows.hubbard.fft_grid import symmetric_fft_grid
     from aiida_eqml.workflows.labels.hubbard import HubbardLabelsWorkChain
 
     material = MATERIALS[name]
@@ -100,8 +99,6 @@ def build(name: str, strain: float, key: str, codes: dict, repeat: tuple[int, in
             'hubbard': {'qpoints_distance': qpoints_distance, 'parallelize_atoms': False, 'parallelize_qpoints': False},
         },
     }
-    system = overrides['hubbard_loop']['scf']['pw']['parameters']['SYSTEM']
-    system.update(symmetric_fft_grid(structure.get_ase(), system['ecutrho']))  # {} but for e.g. anatase (hp.x)
     builder = HubbardLabelsWorkChain.get_builder_from_protocol(
         codes['pw'], codes['hp'], {key: structure}, protocol='fast', overrides=overrides,
         starting_magnetization={key: magnetization} if magnetization else None,

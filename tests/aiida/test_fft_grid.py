@@ -28,3 +28,40 @@ def test_good_fft_order(n, divisor, expected):
     from aiida_eqml.workflows.hubbard.fft_grid import _good_fft_order
 
     assert _good_fft_order(n, divisor) == expected
+
+
+def test_with_symmetric_fft_grid_keeps_a_users_grid_and_leaves_other_cells(aiida_profile):
+    from aiida_eqml.local.hubbard_materials import hubbard_structure
+    from aiida_eqml.workflows.hubbard.fft_grid import with_symmetric_fft_grid
+
+    anatase, rocksalt = hubbard_structure('TiO2-anatase'), hubbard_structure('NiO-rocksalt-afm2')
+    parameters = {'SYSTEM': {'ecutwfc': 60.0, 'ecutrho': 240.0}, 'ELECTRONS': {'conv_thr': 1e-8}}
+    with_grid = with_symmetric_fft_grid(parameters, anatase)
+    assert with_grid['SYSTEM'] == {'ecutwfc': 60.0, 'ecutrho': 240.0, 'nr1': 60, 'nr2': 60, 'nr3': 60}
+    assert with_grid['ELECTRONS'] == parameters['ELECTRONS'] and 'nr1' not in parameters['SYSTEM']  # a copy
+    assert with_symmetric_fft_grid(parameters, rocksalt) is parameters
+    users = {'SYSTEM': {'ecutrho': 240.0, 'nr1': 64, 'nr2': 64, 'nr3': 64}}
+    assert with_symmetric_fft_grid(users, anatase) is users
+
+
+def test_labels_work_chain_gives_each_structure_its_grid(aiida_profile, qe_codes, pseudo_family):
+    """``eqml.labels.hubbard`` shares one scf parameter set across its structures; the grid is set per structure
+    when each loop's inputs are made (anatase gets one size on all axes, rock salt nothing)."""
+    from aiida.engine.utils import instantiate_process
+    from aiida.manage import get_manager
+
+    from aiida_eqml.local.hubbard_materials import hubbard_structure
+    from aiida_eqml.workflows.hubbard.fft_grid import symmetric_fft_grid
+    from aiida_eqml.workflows.labels.hubbard import HubbardLabelsWorkChain
+
+    structures = {'anatase': hubbard_structure('TiO2-anatase'), 'nio': hubbard_structure('NiO-rocksalt-afm2')}
+    overrides = {'hubbard_loop': {'scf': {'pw': {'parameters': {'SYSTEM': {'ecutwfc': 60.0, 'ecutrho': 240.0}}}}}}
+    builder = HubbardLabelsWorkChain.get_builder_from_protocol(
+        qe_codes['pw'], qe_codes['hp'], structures, protocol='fast', overrides=overrides)
+    process = instantiate_process(get_manager().get_runner(), builder)
+    systems = {key: process.get_item_inputs(key, structure).scf.pw.parameters.get_dict()['SYSTEM']
+               for key, structure in process.inputs.structures.items()}
+    assert systems['anatase']['ecutrho'] == 240.0
+    assert {k: systems['anatase'][k] for k in ('nr1', 'nr2', 'nr3')} == {'nr1': 60, 'nr2': 60, 'nr3': 60}
+    assert symmetric_fft_grid(structures['nio'].get_ase(), 240.0) == {}
+    assert not any(key in systems['nio'] for key in ('nr1', 'nr2', 'nr3'))

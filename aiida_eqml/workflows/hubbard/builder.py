@@ -43,22 +43,6 @@ def _protocol_layer(trained: dict | None) -> dict:
     return {'scf': scf}
 
 
-def _with_symmetric_fft_grid(parameters: orm.Dict, structure) -> orm.Dict:
-    """``parameters`` with ``SYSTEM.nr1-3`` of :func:`~aiida_eqml.workflows.hubbard.fft_grid.symmetric_fft_grid`
-    where pw.x's own grid would stop hp.x, unless the user set a grid; unchanged otherwise."""
-    from aiida_eqml.workflows.hubbard.fft_grid import symmetric_fft_grid
-
-    values = parameters.get_dict()
-    system = values.get('SYSTEM', {})
-    if any(key in system for key in ('nr1', 'nr2', 'nr3')) or 'ecutrho' not in system:
-        return parameters
-    grid = symmetric_fft_grid(structure.get_ase(), float(system['ecutrho']))
-    if not grid:
-        return parameters
-    values['SYSTEM'] = {**system, **grid}
-    return orm.Dict(values)
-
-
 def builder_from_protocol(cls, pw_code, hubbard_structure, models, protocol=None, hp_code=None, overrides=None,
                           options_pw=None, options_hp=None, **kwargs):
     from aiida_hubbard.workflows.hp.main import HpWorkChain
@@ -82,7 +66,12 @@ def builder_from_protocol(cls, pw_code, hubbard_structure, models, protocol=None
     scf.pop('clean_workdir', None)
     scf['pw'].pop('structure', None)
     if hp_code is not None:  # hp.x (fallback, validation) needs a grid every kept symmetry maps onto itself
-        scf['pw']['parameters'] = _with_symmetric_fft_grid(scf['pw']['parameters'], hubbard_structure)
+        from aiida_eqml.workflows.hubbard.fft_grid import with_symmetric_fft_grid
+
+        parameters = scf['pw']['parameters'].get_dict()
+        with_grid = with_symmetric_fft_grid(parameters, hubbard_structure)
+        if with_grid is not parameters:
+            scf['pw']['parameters'] = orm.Dict(with_grid)
     builder.scf = scf
     if 'relax' in (overrides or {}):  # aiida-hubbard always adds one and users pop it; here it is asked for
         relax = get_builder_from_protocol(PwRelaxWorkChain, pw_code, hubbard_structure, protocol=protocol,

@@ -10,7 +10,8 @@ body-centred primitive cell of anatase TiO2 at 240 Ry: pw.x chose (60, 60, 54) f
 :func:`symmetric_fft_grid` returns the ``nr1``/``nr2``/``nr3`` to put in ``SYSTEM`` for such a cell (each group of
 axes that a rotation mixes gets one size, large enough for the cutoff and divisible by every translation's
 denominator along the group) and ``{}`` where pw.x's own per-axis choice is already consistent, so the runs of
-every other cell stay as they were.
+every other cell stay as they were. :func:`with_symmetric_fft_grid` applies it to pw.x parameters; the ML loop's
+builder (when hp.x is given) and ``eqml.labels.hubbard`` (per structure) call it.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from fractions import Fraction
 
 import numpy as np
 
-__all__ = ('symmetric_fft_grid',)
+__all__ = ('symmetric_fft_grid', 'with_symmetric_fft_grid')
 
 BOHR_ANGSTROM = 0.529177210903
 
@@ -83,3 +84,14 @@ def symmetric_fft_grid(atoms, ecutrho_ry: float, symprec: float = 1e-5) -> dict[
     if all(own[i] == own[j] for i in range(3) for j in range(3) if group[i] == group[j]):
         return {}  # pw.x's own choice already gives the mixed axes one size
     return {'nr1': shared[0], 'nr2': shared[1], 'nr3': shared[2]}
+
+
+def with_symmetric_fft_grid(parameters: dict, structure) -> dict:
+    """pw.x ``parameters`` (a plain dict) with ``SYSTEM.nr1-3`` of :func:`symmetric_fft_grid` for ``structure`` (a
+    ``StructureData``) where pw.x's own grid would stop hp.x; a copy, unchanged where the user set a grid or none
+    is needed."""
+    system = dict(parameters.get('SYSTEM', {}))
+    if any(key in system for key in ('nr1', 'nr2', 'nr3')) or 'ecutrho' not in system:
+        return parameters
+    grid = symmetric_fft_grid(structure.get_ase(), float(system['ecutrho']))
+    return {**parameters, 'SYSTEM': {**system, **grid}} if grid else parameters

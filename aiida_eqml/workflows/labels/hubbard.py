@@ -18,6 +18,7 @@ from aiida.plugins import DataFactory
 from aiida_hubbard.workflows.hubbard import SelfConsistentHubbardWorkChain
 
 from aiida_eqml.calculations.functions.harvest import harvest_hubbard_labels
+from aiida_eqml.workflows.hubbard.fft_grid import with_symmetric_fft_grid
 from aiida_eqml.workflows.labels import LabelsWorkChain, protocol_alias, protocol_filepath, structures_to_namespace
 
 HubbardStructureData = DataFactory('quantumespresso.hubbard_structure')
@@ -158,6 +159,7 @@ class HubbardLabelsWorkChain(LabelsWorkChain):
             parameters['SYSTEM']['starting_magnetization'] = moments
         else:
             parameters['SYSTEM']['nspin'] = 1
+        parameters = with_symmetric_fft_grid(parameters, structure)  # hp.x needs it (e.g. anatase's cell)
         inputs.scf = AttributeDict(inputs.scf)
         inputs.scf.pw = AttributeDict(inputs.scf.pw)
         inputs.scf.pw.parameters = orm.Dict(parameters)
