@@ -65,3 +65,29 @@ def test_labels_work_chain_gives_each_structure_its_grid(aiida_profile, qe_codes
     assert {k: systems['anatase'][k] for k in ('nr1', 'nr2', 'nr3')} == {'nr1': 60, 'nr2': 60, 'nr3': 60}
     assert symmetric_fft_grid(structures['nio'].get_ase(), 240.0) == {}
     assert not any(key in systems['nio'] for key in ('nr1', 'nr2', 'nr3'))
+
+
+def test_ml_loop_scf_gets_the_grid_only_when_hp_x_may_run(aiida_profile, qe_codes, pseudo_family):
+    """The ML loop sets the grid on each scf (its current structure) when it has hp.x inputs (fallback,
+    validation); without them no hp.x runs and pw.x keeps its own grid."""
+    from aiida.engine.utils import instantiate_process
+    from aiida.manage import get_manager
+
+    from aiida_eqml.cli.hubbard import load_models
+    from aiida_eqml.local.hubbard_materials import hubbard_structure
+    from aiida_eqml.workflows.hubbard.self_consistent import SelfConsistentMLHubbardWorkChain
+    from aiida_eqml.workflows.hubbard.steps import scf_inputs
+
+    anatase = hubbard_structure('TiO2-anatase')
+    models = load_models(('hubbard-tmo',))
+    grids = {}
+    for hp in (True, False):
+        builder = SelfConsistentMLHubbardWorkChain.get_builder_from_protocol(
+            qe_codes['pw'], anatase, models, hp_code=qe_codes['hp'] if hp else None)
+        process = instantiate_process(get_manager().get_runner(), builder)
+        process.ctx.iteration, process.ctx.magnetic_moments, process.ctx.restart_folder = 1, None, None
+        process.ctx.current = process.inputs.hubbard_structure
+        system = scf_inputs(process, fixed=False).pw.parameters.get_dict()['SYSTEM']
+        grids[hp] = tuple(system.get(key) for key in ('nr1', 'nr2', 'nr3'))
+        assert system['ecutrho'] == 240.0  # the shipped model's protocol
+    assert grids == {True: (60, 60, 60), False: (None, None, None)}

@@ -65,13 +65,6 @@ def builder_from_protocol(cls, pw_code, hubbard_structure, models, protocol=None
                                     overrides=inputs.get('scf'), options=options_pw, **kwargs)
     scf.pop('clean_workdir', None)
     scf['pw'].pop('structure', None)
-    if hp_code is not None:  # hp.x (fallback, validation) needs a grid every kept symmetry maps onto itself
-        from aiida_eqml.workflows.hubbard.fft_grid import with_symmetric_fft_grid
-
-        parameters = scf['pw']['parameters'].get_dict()
-        with_grid = with_symmetric_fft_grid(parameters, hubbard_structure)
-        if with_grid is not parameters:
-            scf['pw']['parameters'] = orm.Dict(with_grid)
     builder.scf = scf
     if 'relax' in (overrides or {}):  # aiida-hubbard always adds one and users pop it; here it is asked for
         relax = get_builder_from_protocol(PwRelaxWorkChain, pw_code, hubbard_structure, protocol=protocol,

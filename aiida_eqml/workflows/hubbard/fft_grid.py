@@ -10,8 +10,8 @@ body-centred primitive cell of anatase TiO2 at 240 Ry: pw.x chose (60, 60, 54) f
 :func:`symmetric_fft_grid` returns the ``nr1``/``nr2``/``nr3`` to put in ``SYSTEM`` for such a cell (each group of
 axes that a rotation mixes gets one size, large enough for the cutoff and divisible by every translation's
 denominator along the group) and ``{}`` where pw.x's own per-axis choice is already consistent, so the runs of
-every other cell stay as they were. :func:`with_symmetric_fft_grid` applies it to pw.x parameters; the ML loop's
-builder (when hp.x is given) and ``eqml.labels.hubbard`` (per structure) call it.
+every other cell stay as they were. :func:`with_symmetric_fft_grid` applies it to pw.x parameters; the ML loop
+(each scf, when it has hp.x inputs) and ``eqml.labels.hubbard`` (per structure) call it.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def symmetric_fft_grid(atoms, ecutrho_ry: float, symprec: float = 1e-5) -> dict[
         size = _good_fft_order(max(base[i] for i in axes), divisor)
         for i in axes:
             shared[i] = size
-    if all(own[i] == own[j] for i in range(3) for j in range(3) if group[i] == group[j]):
+    if shared == own:
         return {}  # pw.x's own choice already gives the mixed axes one size
     return {'nr1': shared[0], 'nr2': shared[1], 'nr3': shared[2]}
 

@@ -14,6 +14,7 @@ from aiida_quantumespresso.workflows.pw.base import PwBaseWorkChain
 from aiida_quantumespresso.workflows.pw.relax import PwRelaxWorkChain
 
 from aiida_eqml.workflows.hubbard.domain import is_onsite, manifold_l, parameter_key
+from aiida_eqml.workflows.hubbard.fft_grid import with_symmetric_fft_grid
 from aiida_eqml.workflows.labels.hubbard import OCCUP_TXT
 
 #: aiida-hubbard's defaults for the two scf runs of an iteration.
@@ -90,6 +91,8 @@ def scf_inputs(wc, fixed: bool) -> AttributeDict:
             system['tot_magnetization'] = round(previous['total_magnetization'])  # integer checked before
         inputs.pw.parent_folder = ctx.scf_smearing.outputs.remote_folder
         label = f'iteration_{ctx.iteration:02d}_scf_fixed' + ('_magnetic' if ctx.is_magnetic else '')
+    if 'hubbard' in wc.inputs:  # hp.x may run on this ground state (fallback, validation): a grid it accepts
+        parameters = with_symmetric_fft_grid(parameters, ctx.current)
     inputs.pw.parameters = orm.Dict(parameters)
     inputs.pw.structure = ctx.current
     inputs.pw.pseudos = pseudos_for(wc, ctx.current)
