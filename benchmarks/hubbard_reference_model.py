@@ -8,6 +8,9 @@
     # nodes, plus an AiiDA archive of the campaign's provenance in the reference directory
     .venv/bin/python benchmarks/hubbard_reference_model.py --profile eqml --computer localhost --archive
 
+    # after a new evaluation of the same labels: only its errors into the shipped metadata (members unchanged)
+    .venv/bin/python benchmarks/hubbard_reference_model.py --errors-only --evaluation docs/benchmarks/hubbard_uv.json
+
     # a cheap check of the pipeline into a scratch directory
     .venv/bin/python benchmarks/hubbard_reference_model.py --epochs 5 --members 2 --out /tmp/hubbard-tmo
 
@@ -161,6 +164,41 @@ def write_archive(args, out: Path, extra_uuids=()) -> Path:
     return path
 
 
+def errors_from_evaluation(path: Path, evaluation: dict, hold_out, materials) -> dict:
+    """``metadata["errors"]``: the leave-one-material-out summary and per-material errors of ``evaluation``."""
+    if sorted(set(evaluation.get("materials", [])) - set(hold_out)) != sorted(materials):
+        print(f"warning: the evaluation's materials {evaluation.get('materials')} differ from the training "
+              f"materials {materials}: rerun the evaluation on the same labels", file=sys.stderr)
+    return {
+        "source": os.path.relpath(path.resolve(), ROOT) if str(path.resolve()).startswith(str(ROOT)) else str(path),
+        "command": evaluation.get("command"),
+        "commit": evaluation.get("commit"),
+        "summary": evaluation.get("summary"),
+        "per_material": [
+            {k: e.get(k) for k in ("material", "n_test", "mae_u", "mare_u", "mae_v", "mare_v")}
+            for e in evaluation.get("leave_one_material_out", [])
+        ],
+    }
+
+
+def refresh_errors(args) -> None:
+    """``--errors-only``: replace ``metadata["errors"]`` of the ensemble in ``--out`` by those of ``--evaluation``
+    (an evaluation finished after the members were trained, on the same labels), without retraining: the members and
+    their sha256 stay as they are, so eqml.model nodes and ML loops made with them stay valid."""
+    out = args.out.resolve()
+    manifest = json.loads((out / "ensemble.json").read_text())
+    meta = manifest["metadata"]
+    meta["errors"] = errors_from_evaluation(args.evaluation, json.loads(args.evaluation.read_text()),
+                                            meta.get("held_out_materials", []), meta["training_materials"])
+    meta["errors_written_by"] = {
+        "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+        "commit": git_commit(),
+    }
+    (out / "ensemble.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=float) + "\n")
+    (out / "README.md").write_text(readme(meta, meta["name"]))
+    print(f"{out / 'ensemble.json'}: errors from {meta['errors']['source']} (commit {meta['errors']['commit']})")
+
+
 def readme(meta: dict, name: str) -> str:
     errors = meta.get("errors") or {}
     summary = errors.get("summary") or {}
@@ -221,8 +259,15 @@ def main(argv=None) -> None:
     parser.add_argument("--archive-only", action="store_true",
                         help="with --profile: only (re)write campaign.aiida of the ensemble in --out, no training "
                              "(stop the daemon and other writers first: the archive reads the live profile)")
+    parser.add_argument("--errors-only", action="store_true",
+                        help="with --evaluation: only rewrite the measured errors in --out, no training")
     parser.add_argument("--max-mb", type=float, default=30.0)
     args = parser.parse_args(argv)
+    if args.errors_only:
+        if not args.evaluation:
+            parser.error("--errors-only needs --evaluation")
+        refresh_errors(args)
+        return
     if (args.archive or args.archive_only) and not args.profile:
         parser.error("--archive / --archive-only need --profile")
     if args.archive_only:
@@ -342,21 +387,7 @@ def main(argv=None) -> None:
         "errors": None,
     }
     if evaluation:
-        meta["errors"] = {
-            "source": os.path.relpath(args.evaluation.resolve(), ROOT)
-            if str(args.evaluation.resolve()).startswith(str(ROOT))
-            else str(args.evaluation),
-            "command": evaluation.get("command"),
-            "commit": evaluation.get("commit"),
-            "summary": evaluation.get("summary"),
-            "per_material": [
-                {k: e.get(k) for k in ("material", "n_test", "mae_u", "mare_u", "mae_v", "mare_v")}
-                for e in evaluation.get("leave_one_material_out", [])
-            ],
-        }
-        if sorted(set(evaluation.get("materials", [])) - set(args.hold_out)) != materials:
-            print(f"warning: the evaluation's materials {evaluation.get('materials')} differ from the training "
-                  f"materials {materials}: rerun the evaluation on the same labels", file=sys.stderr)
+        meta["errors"] = errors_from_evaluation(args.evaluation, evaluation, args.hold_out, materials)
     manifest = {"format": "aiida-eqml-ensemble", "format_version": 1, "members": entries, "metadata": meta}
     (out / "ensemble.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=float) + "\n")
     if args.archive:
