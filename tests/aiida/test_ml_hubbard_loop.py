@@ -142,13 +142,22 @@ def test_ml_loop_converges_and_reaches_the_dft_labels(ml_run, trained_model, fal
     # its labels were on Ni 3d and O 2p, the parameters the loop asks, so the element check let it run
     assert trained_model[0].read()[2]['hubbard']['u_species'] == ['Ni', 'O']
 
-    # Each scf ran with the previous iteration's prediction, and from the previous ground state.
-    scf_2 = node.base.links.get_outgoing(link_label_filter='iteration_02_scf_smearing').one().node
-    fixed_1 = node.base.links.get_outgoing(link_label_filter='iteration_01_scf_fixed_magnetic').one().node
-    predicted_1 = history[0]['parameters']
-    assert onsite_u(scf_2.inputs.pw.structure) == pytest.approx({row['atoms'][0]: row['value'] for row in predicted_1})
-    assert scf_2.inputs.pw.parent_folder.pk == fixed_1.outputs.remote_folder.pk
-    assert scf_2.inputs.pw.parameters['ELECTRONS']['startingpot'] == 'file'
+    # Each scf ran with the previous iteration's prediction, and from the previous ground state. The insulator's
+    # later iterations skip the smearing scf: the fixed-occupation scf restarts from the last one, with the band count
+    # and the (zero) total magnetization of iteration 1's smearing scf.
+    links = node.base.links
+    smearing_1 = links.get_outgoing(link_label_filter='iteration_01_scf_smearing').one().node
+    fixed_1 = links.get_outgoing(link_label_filter='iteration_01_scf_fixed_magnetic').one().node
+    fixed_2 = links.get_outgoing(link_label_filter='iteration_02_scf_fixed_magnetic').one().node
+    assert not links.get_outgoing(link_label_filter='iteration_02_scf_smearing').all()
+    assert set(history[1]['steps']) == {'scf_fixed', 'prediction'}
+    predicted_1 = {row['atoms'][0]: row['value'] for row in history[0]['parameters']}
+    assert onsite_u(fixed_2.inputs.pw.structure) == pytest.approx(predicted_1)
+    assert fixed_2.inputs.pw.parent_folder.pk == fixed_1.outputs.remote_folder.pk
+    system_2 = fixed_2.inputs.pw.parameters['SYSTEM']
+    assert fixed_2.inputs.pw.parameters['ELECTRONS']['startingpot'] == 'file' and system_2['occupations'] == 'fixed'
+    assert system_2['tot_magnetization'] == 0
+    assert system_2['nbnd'] == smearing_1.outputs.output_parameters['number_of_bands']
 
     # The output is the model's own fixed point: predicting again from the last scf's occupations, through the
     # ML layer directly, gives the output U (to float32 rounding), and it moved away from the starting 5 eV.
@@ -178,6 +187,26 @@ def test_ml_loop_converges_and_reaches_the_dft_labels(ml_run, trained_model, fal
     query = orm.QueryBuilder().append(orm.Node, filters={'id': results['hubbard_structure'].pk}, tag='out')
     query.append(orm.CalcJobNode, with_descendants='out', filters={'id': {'in': hp_calcs}}, project='id')
     assert query.count() >= 1
+
+
+def test_skipping_the_smearing_scf_leaves_the_parameters_unchanged(ml_run, qe_codes, trained_model, loop_structure):
+    """The measurement behind the default: with aiida-hubbard's smearing scf in every iteration, the first two
+    iterations predict the same U (the fixed-occupation scf reaches the same ground state either way)."""
+    from aiida import orm
+    from aiida.engine import run_get_node
+
+    builder = loop_builder(qe_codes, loop_structure.clone(), trained_model[0], hp=False, max_iterations=2)
+    builder.smearing_every_iteration = orm.Bool(True)
+    results, node = run_get_node(builder)
+    assert node.exit_status in (0, 601), (node.exit_status, node.exit_message)  # 601: not converged in 2
+    every = results['history'].get_list()
+    skipped = ml_run[0]['history'].get_list()
+    assert set(every[1]['steps']) == {'scf_smearing', 'scf_fixed', 'prediction'}
+    for with_smearing, without in zip(every, skipped[:2]):
+        values = {tuple(row['atoms']): row['value'] for row in without['parameters']}
+        assert {tuple(row['atoms']): row['value'] for row in with_smearing['parameters']} == pytest.approx(
+            values, abs=2e-3)
+        assert with_smearing['total_energy_ev'] == pytest.approx(without['total_energy_ev'], abs=1e-3)
 
 
 def test_validation_compares_with_hp_at_the_same_ground_state(ml_run):

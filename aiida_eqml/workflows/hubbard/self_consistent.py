@@ -16,7 +16,12 @@ HpWorkChain of the fallback), plus ``models``. Per iteration:
 5. converged when every parameter changed by less than its tolerance (compared by identity, not list position).
 
 Cheaper than aiida-hubbard at the same result: every scf after the first restarts from the charge density and
-wavefunctions of the previous iteration (not after a relaxation). ``validate_with_dfpt`` runs one hp.x on the last
+wavefunctions of the previous iteration (not after a relaxation), and an insulator's later iterations run only the
+fixed-occupation scf, from the previous one's ground state, with its band count and total magnetization (measured:
+the same U/V, docs/hubbard_loop.md). The smearing scf is what decides metal or insulator and the magnetization;
+it runs again when the geometry moved, when the fixed-occupation scf finds filled and empty bands overlapping in a
+spin channel (no gap: the previous verdict no longer holds), and in every iteration with
+``smearing_every_iteration`` (aiida-hubbard's recipe). ``validate_with_dfpt`` runs one hp.x on the last
 scf and compares it with the prediction made from that same ground state (``dfpt_comparison``).
 
 The models are checked against the structure and the protocol when the inputs are validated: an element, manifold
@@ -100,6 +105,10 @@ class SelfConsistentMLHubbardWorkChain(ProtocolMixin, WorkChain):
                    help='Relax every this many iterations.')
         spec.input('radial_analysis', valid_type=orm.Dict, required=False,
                    help='As in aiida-hubbard: a neighbour analysis that sets the V shell radius of hp.x (U+V).')
+        spec.input('smearing_every_iteration', valid_type=orm.Bool, default=lambda: orm.Bool(False),
+                   help='Run the smearing scf in every iteration, as aiida-hubbard does. By default an insulator '
+                        'goes straight to the fixed-occupation scf after the first iteration (the smearing scf '
+                        'runs again when that scf has no gap or after a relaxation).')
         spec.input('max_iterations', valid_type=orm.Int, default=lambda: orm.Int(10))
         spec.input('meta_convergence', valid_type=orm.Bool, default=lambda: orm.Bool(True),
                    help='Iterate to self-consistency; if False, stop after the first prediction.')
@@ -120,9 +129,13 @@ class SelfConsistentMLHubbardWorkChain(ProtocolMixin, WorkChain):
             while_(cls.should_run_iteration)(
                 cls.update_iteration,
                 if_(cls.should_run_relax)(cls.run_relax, cls.inspect_relax),
-                cls.run_scf_smearing,
-                cls.inspect_scf_smearing,
+                if_(cls.should_run_scf_smearing)(cls.run_scf_smearing, cls.inspect_scf_smearing),
                 if_(cls.is_insulator)(cls.run_scf_fixed, cls.inspect_scf_fixed),
+                if_(cls.lost_gap)(  # the skipped smearing scf was needed after all: this iteration with it
+                    cls.run_scf_smearing,
+                    cls.inspect_scf_smearing,
+                    if_(cls.is_insulator)(cls.run_scf_fixed, cls.inspect_scf_fixed),
+                ),
                 cls.run_prediction,
                 if_(cls.should_run_hp)(cls.run_hp, cls.inspect_hp),
                 cls.check_convergence,
@@ -201,14 +214,30 @@ class SelfConsistentMLHubbardWorkChain(ProtocolMixin, WorkChain):
         self.ctx.iteration += 1
         self.ctx.record = {'iteration': self.ctx.iteration, 'steps': {}}
         self.ctx.relaxed = False
+        self.ctx.smeared = False  # whether this iteration ran a smearing scf
+        self.ctx.lost_gap = False
 
     def should_run_relax(self):
         if 'relax' not in self.inputs or self.ctx.iteration <= self.ctx.skip_relax_iterations:
             return False
         return self.ctx.iteration % self.ctx.relax_frequency == 0
 
+    def should_run_scf_smearing(self):
+        """Always in the first iteration, for a metal, after a relaxation and without a ground state to restart
+        from; for an insulator's later iterations only with ``smearing_every_iteration``."""
+        ctx = self.ctx
+        if (self.inputs.smearing_every_iteration.value or ctx.iteration == 1 or ctx.relaxed
+                or ctx.restart_folder is None or not ctx.is_insulator):
+            return True
+        self.report(f'iteration {ctx.iteration}: an insulator in iteration {ctx.iteration - 1}: fixed-occupation '
+                    'scf from its ground state, without a smearing scf')
+        return False
+
     def is_insulator(self):
         return self.ctx.is_insulator
+
+    def lost_gap(self):
+        return self.ctx.lost_gap
 
     def should_run_hp(self):
         return self.ctx.use_hp
@@ -232,6 +261,7 @@ class SelfConsistentMLHubbardWorkChain(ProtocolMixin, WorkChain):
         self.ctx.relaxed = True
 
     def run_scf_smearing(self):
+        self.ctx.smeared = True
         inputs = steps.scf_inputs(self, fixed=False)
         running = self.submit(PwBaseWorkChain, **inputs)
         self.report(f'launching PwBaseWorkChain<{running.pk}> with smeared occupations')
@@ -272,6 +302,12 @@ class SelfConsistentMLHubbardWorkChain(ProtocolMixin, WorkChain):
         if not node.is_finished_ok:
             return self.exit_codes.ERROR_SUB_PROCESS_FAILED_SCF.format(iteration=self.ctx.iteration)
         self.ctx.last_scf = node
+        if not self.ctx.smeared and not steps.has_gap_in_each_channel(node):
+            # kept in the history (its time counts), then redone after a smearing scf
+            self.ctx.record['steps']['scf_fixed_without_gap'] = self.ctx.record['steps'].pop('scf_fixed')
+            self.ctx.lost_gap = True
+            self.report(f'iteration {self.ctx.iteration}: the fixed-occupation scf has no gap in a spin channel: '
+                        'running the smearing scf after all')
 
     # ------------------------------------------------------------------ prediction / hp.x
     def run_prediction(self):

@@ -80,6 +80,8 @@ def scf_inputs(wc, fixed: bool) -> AttributeDict:
             inputs.pw.parent_folder = ctx.restart_folder
             electrons.update({'startingpot': 'file', 'startingwfc': 'file'})
     else:
+        # The band count and magnetization of the last smearing scf (this iteration's, or an earlier one's when
+        # it was skipped: should_run_scf_smearing), the ground state of the last scf run.
         previous = ctx.scf_smearing.outputs.output_parameters.get_dict()
         control['restart_mode'] = 'from_scratch'
         system.update({'nbnd': previous['number_of_bands'], 'occupations': 'fixed'})
@@ -89,8 +91,10 @@ def scf_inputs(wc, fixed: bool) -> AttributeDict:
         electrons.update({'startingpot': 'file', 'startingwfc': 'file'})
         if ctx.is_magnetic:
             system['tot_magnetization'] = round(previous['total_magnetization'])  # integer checked before
-        inputs.pw.parent_folder = ctx.scf_smearing.outputs.remote_folder
+        inputs.pw.parent_folder = ctx.scf_smearing.outputs.remote_folder if ctx.smeared else ctx.restart_folder
         label = f'iteration_{ctx.iteration:02d}_scf_fixed' + ('_magnetic' if ctx.is_magnetic else '')
+        if ctx.lost_gap:  # the second fixed scf of an iteration (after the smearing scf it skipped at first)
+            label += '_after_smearing'
     if 'hubbard' in wc.inputs:  # hp.x may run on this ground state (fallback, validation): a grid it accepts
         parameters = with_symmetric_fft_grid(parameters, ctx.current)
     inputs.pw.parameters = orm.Dict(parameters)
@@ -184,6 +188,20 @@ def relabelled_hp_structure(wc, node):
         wc.ctx.magnetic_moments = result['starting_magnetization'].get_dict()
     wc.report('hp.x found inequivalent sites of one kind: kinds relabelled')
     return result['hubbard_structure']
+
+
+def has_gap_in_each_channel(scf) -> bool:
+    """Whether a fixed-occupation pw.x run has a positive gap in each spin channel: its filled and empty bands do
+    not overlap anywhere on the k mesh (:func:`aiida_eqml.ml.hubbard.records.spin_channel_gaps`; unknown, e.g.
+    no empty band, counts as no)."""
+    import math
+
+    from aiida_eqml.calculations.functions.harvest import scf_diagnostics
+
+    state = scf_diagnostics(scf.inputs.pw.parameters.get_dict(), scf.outputs.output_parameters.get_dict(),
+                            scf.outputs.output_band)
+    gaps = (state['band_gap_up_ev'], state['band_gap_down_ev'])
+    return all(math.isfinite(gap) and gap > 0.0 for gap in gaps)
 
 
 def record_step(record: dict, name: str, node) -> None:
