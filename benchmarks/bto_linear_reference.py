@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bto_response import N_TEST, UNITS, merge_json, split_last  # noqa: E402
+from bto_protocol import N_TEST, UNITS, merge_json, split_last  # noqa: E402
 
 GRID = 6  # ideal sites of the 5-atom perovskite in a 3x3x3 supercell sit on a 1/6 fractional grid
 LAMBDAS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # ridge strength per sample, on u in Angstrom

@@ -1,15 +1,20 @@
-"""BaTiO3 response benchmark (issues 3 and 11): learning curves of Z* and Raman tensors.
+"""BaTiO3 response benchmark (issues 3 and 11): learning curves of Z*, Raman tensors and the dielectric tensor.
 
     python benchmarks/bto_response.py --data ../shared/data/bto400              # full run (GPU)
     python benchmarks/bto_response.py --sizes 4 --epochs 2 --seeds 0 1 \
         --out-json /tmp/bto.json --out-png /tmp/bto.png                         # CPU smoke check
+    python benchmarks/bto_response.py --routes direct --targets dielectric \
+        --section dielectric_validated                                          # eps_inf (graph level)
 
 Protocol (issue 11; the split is in ``bto_protocol.py``)
 --------------------------------------------------------
 * The bto400 records are read and validated by :func:`aiida_eqml.ml.datasets.bto.load_bto400`
-  with only the targets benchmarked here (Born charges, Raman tensors): six records have an
-  unphysical *dielectric* tensor, which is not used here, so they stay (their Z* and Raman
-  labels pass every check). A record whose Z* or Raman labels fail a check is excluded first.
+  with only the targets benchmarked here, in its mask mode: a structural fault excludes a record,
+  a faulty label is set to NaN. The split is made once over the structures and each target drops
+  the records without a valid label from its sets (``bto_protocol.split_for_target``): six records
+  have an unphysical *dielectric* tensor, so the dielectric runs on 24 training, the shared 4
+  validation and 6 test structures (00048 and 00049 are test files without a valid eps_inf), while
+  Z* and Raman keep all 40 (28 / 4 / 8).
 * Test set: the last 8 valid files by index, used once, after every choice is made (the JSON
   lists the file names). Validation set: the 4 valid files just before them (``--n-val``), the
   same at every size and seed, never trained on. Training sets: the first ``n`` of the rest by
@@ -24,9 +29,13 @@ Protocol (issue 11; the split is in ``bto_protocol.py``)
   every seed's values; the section records the command line and the git commit.
 * Reference: each species' mean tensor over the whole training pool
   (:func:`species_mean_baseline`), the issue's 0.36 e / 1.6 1/Angstrom; target is 10x lower.
+  The dielectric tensor (one per structure, one composition) has the training mean tensor instead and a
+  linear probe on structure-only displacement features at every size (``bto_references.py``).
 * Routes: ``direct`` (an irreps readout of the tensor, per-species shift of its ``0e`` part from
-  the training set) and ``derivative`` (the tensor as a derivative of a field-dependent energy
-  E(R, F): Z* = -d2E/dF dtau, chi = -(1/(4 pi eps0 Omega)) d3E/dF2 dtau, see ``response.py``).
+  the training set; for eps_inf a graph head ``0e + 2e``, the mean over atoms, read out as the
+  symmetric Cartesian tensor: the head of :func:`aiida_eqml.ml.targets.head_spec`) and
+  ``derivative`` (the tensor as a derivative of a field-dependent energy E(R, F):
+  Z* = -d2E/dF dtau, chi = -(1/(4 pi eps0 Omega)) d3E/dF2 dtau, see ``response.py``).
   One model per (route, target, size, seed, learning rate); the same number of optimiser steps at
   every size (``--epochs`` is the epoch count of the largest size, smaller sets run
   proportionally more epochs) so that small sets are not under-trained.
@@ -52,8 +61,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bto_protocol import (  # noqa: E402
-    ISSUE_GOAL,
-    ISSUE_REFERENCE,
     N_TEST,
     N_VAL,
     UNITS,
@@ -63,16 +70,23 @@ from bto_protocol import (  # noqa: E402
     merge_json,
     plot,
     plot_from_json,
+    protocol_record,
     resolve_sizes,
-    split_last,  # noqa: F401  (bto_linear_reference.py imports it from here)
+    split_for_target,
     split_protocol,
     summarize,
 )
+from bto_references import reference_baselines  # noqa: E402
+
+from aiida_eqml.ml.targets import head_spec  # noqa: E402
 
 TARGETS = {
-    # dataset target -> (direct head spec, derivative quantity)
-    "born_charges": ({"level": "node", "tensor": "ij"}, "born_charges"),
-    "raman_tensors": ({"level": "node", "tensor": "ijk=jik"}, "raman"),
+    # dataset target -> (direct head spec from the target registry, derivative quantity or None)
+    "born_charges": (head_spec("born_charges"), "born_charges"),
+    "raman_tensors": (head_spec("raman_tensors"), "raman"),
+    # graph level 0e + 2e; eps_inf is intensive, so the mean of the atoms' contributions (a sum would grow with the
+    # cell). No derivative route here: d2E/dF2 would need an energy scale for a graph target and its own tests.
+    "dielectric": ({**head_spec("dielectric"), "reduce": "mean"}, None),
 }
 
 # NequIP-style model shared by both routes (and by benchmarks/bto_throughput.py).
@@ -163,7 +177,10 @@ def run_one(dataset, route, target, train_idx, val_idx, epochs, batch_size, lr, 
         species = [ase.data.chemical_symbols[z] for z in dataset.atomic_numbers]
         norm = compute_normalization(train_set, {**model_config, "species": species})[target]
         scale = round_sig(norm["scale"])
-        shift = [[round_sig(v, 3) for v in row] for row in norm["species_shift"]]
+        # 3 digits cost a node tensor ~1e-3 of its mean, far below its spread; eps_inf (mean ~5.11) spreads only
+        # ~0.05 between structures, so a 3-digit shift would be off by ~0.005, a quarter of the mean-tensor MAE
+        digits = 7 if TARGETS[target][0]["level"] == "graph" else 3
+        shift = [[round_sig(v, digits) for v in row] for row in norm["species_shift"]]
         model_config["normalization"] = {target: {"scale": scale, "species_shift": shift}}
     # Neighbours per atom, fixed here (training.py would average over the training graphs,
     # which differ in the last digits between sizes); rounded for the same reason as above.
@@ -267,6 +284,9 @@ def parse_args(argv):
     bad = [r for r in args.routes if r not in ("direct", "derivative")] + [t for t in args.targets if t not in TARGETS]
     if bad or not args.routes or not args.targets:
         p.error(f"bad --routes/--targets: {bad}; routes direct,derivative; targets {list(TARGETS)}")
+    no_derivative = [t for t in args.targets if TARGETS[t][1] is None]
+    if "derivative" in args.routes and no_derivative:
+        p.error(f"--routes derivative: no derivative route for {no_derivative} here (use --routes direct)")
     if not isinstance(args.model, dict) or set(args.model) & {"heads", "species", "normalization"}:
         p.error("--model must be a JSON object of model sizes (not heads/species/normalization)")
     return p, args
@@ -290,47 +310,54 @@ def main(argv=None) -> int:
     routes, targets, seeds = args.routes, args.targets, args.seeds
     model_config = {**MODEL_CONFIG, **args.model}
 
-    from aiida_eqml.ml.datasets.bto import load_bto400, species_mean_baseline
+    from aiida_eqml.ml.datasets.bto import load_bto400
 
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     log(f"device: {info['backend']} {info['device']} x{info['num_devices']} (jax {info['jax']})")
     t_load = time.perf_counter()
-    dataset, report = load_bto400(args.data, targets=tuple(targets))
+    # mask mode: a faulty label becomes NaN and the record stays, so the split below is over the structures
+    dataset, report = load_bto400(args.data, targets=tuple(targets), on_fault="mask")
     log(str(report))
     try:
-        pool, val_idx, test_idx = split_protocol(dataset, N_TEST, args.n_val)
-        sizes = resolve_sizes(args.sizes, len(pool))
+        pool, val_idx, test_idx = split_protocol(dataset, N_TEST, args.n_val)  # the shared split
+        splits = {t: split_for_target(dataset, t, N_TEST, args.n_val) for t in targets}
+        for t in targets:
+            splits[t]["sizes"] = resolve_sizes(args.sizes, len(splits[t]["pool"]))
     except ValueError as exc:
         p.error(f"{exc} ({len(dataset)} valid records)")
-    if args.batch_size > min(sizes):
-        p.error(f"--batch-size {args.batch_size} is larger than the smallest training size {min(sizes)}")
+    if args.batch_size > min(min(s["sizes"]) for s in splits.values()):
+        p.error(f"--batch-size {args.batch_size} is larger than the smallest training size")
     names = lambda idx: [dataset[i].info["name"] for i in idx]  # noqa: E731
     log(f"test set: the last {N_TEST} valid files by index: {names(test_idx)} "
         f"(loaded in {time.perf_counter() - t_load:.0f} s)")
     log(f"validation set: the {len(val_idx)} valid files before them: {names(val_idx)}; "
-        f"{len(pool)} training structures left, sizes {sizes}, seeds {seeds}")
+        f"{len(pool)} training structures left, seeds {seeds}")
+    for t, split in splits.items():
+        dropped = {k: names(v) for k, v in split["dropped"].items() if v}
+        log(f"{t}: {len(split['pool'])} training / {len(split['validation'])} validation / {len(split['test'])} test, "
+            f"sizes {split['sizes']}" + (f"; without a valid label, dropped from their sets: {dropped}" if dropped
+                                         else ""))
 
-    baselines = {t: species_mean_baseline(dataset.subset(pool), dataset.subset(test_idx), t) for t in targets}
-    for t in targets:
-        log(f"species-mean reference ({len(pool)} training): {t} test MAE {baselines[t]['mae']:.4f} {UNITS[t]}")
-
+    baselines, probes = reference_baselines(dataset, splits, {t: TARGETS[t][0]["level"] for t in targets}, log)
     results = []
-    n_max = max(sizes)
     partial = f"{args.section}_partial"
     for route in routes:
         for target in targets:
+            split = splits[target]
+            sizes, n_max = split["sizes"], max(split["sizes"])
             for n in sizes:
                 # Same number of optimiser steps at every size.
                 epochs = max(
                     1, round(args.epochs * math.ceil(n_max / args.batch_size) / math.ceil(n / args.batch_size))
                 )
-                neighbours = mean_neighbours(dataset, pool[:n], model_config["cutoff"])
-                runs = {lr: [run_one(dataset, route, target, pool[:n], val_idx, epochs, args.batch_size, lr, seed,
-                                     log, neighbours, args.model, args.patience) for seed in seeds]
+                train_idx = split["pool"][:n]
+                neighbours = mean_neighbours(dataset, train_idx, model_config["cutoff"])
+                runs = {lr: [run_one(dataset, route, target, train_idx, split["validation"], epochs, args.batch_size,
+                                     lr, seed, log, neighbours, args.model, args.patience) for seed in seeds]
                         for lr in args.lr}
                 val_maes = {lr: [record["val_mae"] for _, record in runs[lr]] for lr in args.lr}
                 lr = choose_learning_rate(val_maes)  # on the validation set; only the kept models see the test set
-                per_seed = [{**record, **test_record(dataset, result, target, test_idx, args.batch_size)}
+                per_seed = [{**record, **test_record(dataset, result, target, split["test"], args.batch_size)}
                             for result, record in runs[lr]]
                 extra = {"learning_rate": lr, "epochs": epochs, "steps": epochs * math.ceil(n / args.batch_size)}
                 if len(args.lr) > 1:
@@ -347,53 +374,24 @@ def main(argv=None) -> int:
                 # Written after every row so a run cut short still leaves its finished points.
                 merge_json(Path(args.out_json), partial, {"device": info, "results": results})
 
+    all_sizes = sorted({n for split in splits.values() for n in split["sizes"]})
     payload = {
-        "protocol": {
-            "data": os.path.abspath(args.data),
-            "targets_loaded": targets,
-            "valid_records": len(dataset),
-            "excluded": report.excluded,
-            "test_set": names(test_idx),
-            "test_set_rule": f"the last {N_TEST} valid files by index (loader exclusions applied first); used once, "
-                             "on the models kept after every choice",
-            "validation": names(val_idx),
-            "validation_rule": f"the {len(val_idx)} valid files just before the test set, the same at every size "
-                               "and seed, never trained on; best epoch (lowest validation loss), early stopping "
-                               "and the learning rate are chosen on it",
-            "train_pool": len(pool),
-            "train_sets": {str(n): names(pool[:n]) for n in sizes},
-            "sizes_requested": args.sizes,
-            "seeds": seeds,
-            "seeds_vary": "model initialisation and batch order (the split is fixed)",
-            "std": "sample standard deviation over seeds (ddof = 1; null for one seed)",
-            "model": model_config,
-            "epochs_at_largest_size": args.epochs,
-            "batch_size": args.batch_size,
-            "learning_rates": args.lr,
-            "early_stopping_patience": args.patience,
-        },
+        "protocol": protocol_record(args, dataset, report, (pool, val_idx, test_idx), splits, model_config),
         "device": info,
-        "reference_species_mean": {
-            t: {
-                "n_train": len(pool),
-                "test_mae": baselines[t]["mae"],
-                "per_species": baselines[t]["per_species"],
-                "issue_value": ISSUE_REFERENCE[t],
-                "goal": ISSUE_GOAL[t],
-                "unit": UNITS[t],
-            }
-            for t in targets
-        },
+        **baselines,
+        "reference_linear_probe": probes,
         "results": results,
     }
     # shell-quoted, so that it runs again as written (--model takes JSON)
     argv = sys.argv[1:] if argv is None else argv
     payload["command"] = shlex.join(["python", "benchmarks/bto_response.py", *argv])
     merge_json(Path(args.out_json), args.section, payload, drop=(partial,))
-    plot({args.section: payload}, {t: {"mae": b["mae"]} for t, b in baselines.items()}, targets, args.out_png)
+    lines = {t: {"mae": ref["test_mae"], "label": ref["label"]} for refs in baselines.values()
+             for t, ref in refs.items()}
+    plot({args.section: payload}, lines, targets, args.out_png)
     suffix = "" if args.section == "learning_curves" else f"_{args.section}"
     table_path = Path(args.out_json).with_name(Path(args.out_json).stem + suffix + "_table.md")
-    table = markdown_table(results, baselines, sizes, routes, targets, info, seeds)
+    table = markdown_table(results, lines, all_sizes, routes, targets, info, seeds)
     table_path.write_text(table)
     log("")
     log(table)

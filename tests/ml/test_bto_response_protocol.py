@@ -56,8 +56,12 @@ def test_bto_response_protocol_end_to_end(tmp_path):
     assert not set(validation) & set(test)
     index = lambda name: int(name.split("_")[1])  # noqa: E731
     assert max(map(index, validation)) < min(map(index, test))
-    assert protocol["train_sets"] == {"2": ["structure_00000", "structure_00001"]}
-    for names in protocol["train_sets"].values():
+    # each target's sets: the shared split less its records without a valid label (Z*: none, so the same sets)
+    born = protocol["per_target"]["born_charges"]
+    assert (born["test_set"], born["validation"]) == (test, validation)
+    assert born["dropped"] == {"pool": [], "validation": [], "test": []}
+    assert born["train_sets"] == {"2": ["structure_00000", "structure_00001"]}
+    for names in born["train_sets"].values():
         assert not set(names) & (set(validation) | set(test))
     assert protocol["train_pool"] == protocol["valid_records"] - 8 - 4
 
