@@ -61,16 +61,22 @@ def iteration_history(iterations: orm.List) -> orm.List:
 
 @calcfunction
 def compare_ml_dfpt(predicted, spread: orm.Dict, dfpt) -> orm.Dict:
-    """Per parameter of the DFPT (hp.x) result: ML mean and spread, DFPT value, absolute and relative difference."""
+    """Per parameter of the DFPT (hp.x) result: ML mean and spread, DFPT value, absolute and relative difference.
+
+    The ML value is the ensemble mean predicted from the validated ground state (``spread``), not the value the
+    loop carried on with: when that iteration's spread sent it to hp.x, ``predicted`` holds hp.x's values, and
+    comparing those with the validation's hp.x would read as a perfect model."""
     ml = {tuple(p['atoms']) + (tuple(p['translation']),) + tuple(p['manifolds']): p for p in parameter_table(predicted)}
-    std = {(e['atom_index'], e['neighbour_index'], tuple(e['translation'])) + tuple(e['manifolds']): e['std']
-           for e in spread.get_dict().get('parameters', [])}
+    entries = {(e['atom_index'], e['neighbour_index'], tuple(e['translation'])) + tuple(e['manifolds']): e
+               for e in spread.get_dict().get('parameters', [])}
+    std = {key: entry['std'] for key, entry in entries.items()}
     rows = []
     for row in parameter_table(dfpt):
         key = tuple(row['atoms']) + (tuple(row['translation']),) + tuple(row['manifolds'])
         if key not in ml:
             continue  # hp.x also returns couples the loop does not use
-        ml_value, dfpt_value = ml[key]['value'], row['value']
+        ml_value = entries[key]['mean'] if key in entries else ml[key]['value']
+        dfpt_value = row['value']
         rows.append({**{k: row[k] for k in ('kind', 'atoms', 'translation', 'manifolds', 'label')},
                      'ml': ml_value, 'ml_std': std.get(key), 'dfpt': dfpt_value,
                      'abs_diff': abs(ml_value - dfpt_value),
