@@ -20,6 +20,7 @@ tensor (dimensionless).
 from __future__ import annotations
 
 import numpy as np
+from bto_linear_reference import fit_ridge as ridge_normal_equations
 from bto_linear_reference import ideal_sites
 from bto_protocol import ISSUE_GOAL, ISSUE_REFERENCE, TITLES, UNITS
 
@@ -108,16 +109,14 @@ def cubic_design(tensors) -> np.ndarray:
     return np.hstack([design, intercept])
 
 
-def fit_ridge(design, target, lam):
-    """Ridge on standardised columns; the intercept column (last) is not shrunk. Returns (weights, column scale)."""
+def fit_standardised_ridge(design, target, lam):
+    """Ridge on standardised columns (the linear reference's solver; the intercept column, last, is not shrunk).
+    Returns (weights, column scale)."""
     scale = design.std(axis=0)
     scale[-1] = 1.0
     scale[scale == 0] = 1.0
     x = design / scale
-    reg = lam * len(x) * np.eye(x.shape[1])
-    reg[-1, -1] = 0.0
-    weights = np.linalg.solve(x.T @ x + reg, x.T @ target)
-    return weights, scale
+    return ridge_normal_equations(x.T @ x, x.T @ target, len(x), lam), scale
 
 
 def linear_probe(dataset, pool, val_idx, test_idx, sizes) -> dict:
@@ -133,7 +132,7 @@ def linear_probe(dataset, pool, val_idx, test_idx, sizes) -> dict:
     results = []
     for n in sizes:
         x_train, y_train = xy(pool[:n])
-        fits = {lam: fit_ridge(x_train, y_train, lam) for lam in LAMBDAS}
+        fits = {lam: fit_standardised_ridge(x_train, y_train, lam) for lam in LAMBDAS}
         val = {lam: tensor_mae(x_val / s @ w, y_val) for lam, (w, s) in fits.items()}
         lam = min(val, key=lambda k: (val[k], -k))  # ties: the stronger ridge
         w, s = fits[lam]
