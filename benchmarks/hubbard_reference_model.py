@@ -43,12 +43,14 @@ from hubbard_uv import CAMPAIGN, ROOT, SIZES, git_commit, load_labels  # noqa: E
 DEFAULT_OUT = ROOT / "aiida_eqml" / "ml" / "hubbard" / "reference" / "hubbard-tmo"
 
 
-def training_config(args, size: str, epochs: int, n_samples: int, residual: bool = False) -> dict:
+def training_config(args, size: str, epochs: int, n_samples: int, residual: bool = False,
+                    v_sum_images: bool = False) -> dict:
     """The config every member trains with (seed set per member); ``model`` is partial: ``prepare_hubbard_training``
     (train_cli) adds species, descriptor irreps and the U / V heads the record has labels for."""
     return {
         "model": {"cutoff": args.cutoff, **SIZES[size]},
-        **({"hubbard": {"residual": True}} if residual else {}),
+        **({"hubbard": {k: True for k, on in (("residual", residual), ("v_sum_images", v_sum_images)) if on}}
+           if residual or v_sum_images else {}),
         "epochs": int(epochs),
         "batch_size": min(args.batch_size, n_samples),
         "split": {
@@ -86,6 +88,16 @@ def selected_hyperparameters(evaluation: dict | None, args) -> tuple[str, int, b
                     "most often selected in the evaluation" + (f"; {', '.join(given)} from the command line"
                                                                if given else ""))
     return args.size or "small", args.epochs or 600, bool(residual), "default"
+
+
+def v_readout(evaluation: dict | None, args) -> bool:
+    """Whether V is summed over periodic images: the command line, else what the evaluation's validation splits
+    selected most often, else no (the readout of the models before the option)."""
+    if args.v_sum_images is not None:
+        return args.v_sum_images == "yes"
+    votes = collections.Counter(bool(e["selection"]["chosen"].get("v_sum_images", False))
+                                for e in (evaluation or {}).get("leave_one_material_out", []))
+    return bool(votes and votes.most_common(1)[0][0])
 
 
 def train_in_process(record_path: Path, config: dict, seeds: list[int], work: Path) -> list[Path]:
@@ -247,6 +259,8 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--residual", choices=("yes", "no"), default=None,
                         help="learn U - U_scf (default: what the evaluation selected)")
+    parser.add_argument("--v-sum-images", choices=("yes", "no"), default=None,
+                        help="V summed over each couple's periodic images (default: what the evaluation selected)")
     parser.add_argument("--hold-out", nargs="+", default=[], metavar="MATERIAL",
                         help="materials left out of training (kept for benchmarks/ml_vs_dfpt.py: held-out materials)")
     parser.add_argument("--cutoff", type=float, default=4.0)
@@ -305,12 +319,14 @@ def main(argv=None) -> None:
     materials = sorted({material_of(record.samples[i]) for i in usable})
     evaluation = json.loads(args.evaluation.read_text()) if args.evaluation else None
     size, epochs, residual, source = selected_hyperparameters(evaluation, args)
+    v_sum_images = v_readout(evaluation, args)
     seeds = [args.seed + k for k in range(args.members)]
-    config = training_config(args, size, epochs, len(train_record), residual)
+    config = training_config(args, size, epochs, len(train_record), residual, v_sum_images)
     print(
         f"{len(record)} labels from {len(files)} files, {len(flags)} flagged; training on {len(usable)} "
         f"({sum(r['kind'] == 'U' for r in rows)} U, {sum(r['kind'] == 'V' for r in rows)} V) of {len(materials)} "
-        f"materials; {args.members} x {size}/{epochs} epochs, residual {residual} ({source}); held out {args.hold_out}",
+        f"materials; {args.members} x {size}/{epochs} epochs, residual {residual} ({source}), V summed over images "
+        f"{v_sum_images}; held out {args.hold_out}",
         flush=True,
     )
 
@@ -378,6 +394,7 @@ def main(argv=None) -> None:
         "size": size,
         "epochs": epochs,
         "residual": residual,
+        "v_sum_images": v_sum_images,
         "hyperparameters_from": source,
         "training_config": config,
         "trained_with": trained_with,

@@ -223,7 +223,8 @@ class Trainer:
         has_v = any("hubbard_v" in s.edge_targets and np.isfinite(s.edge_targets["hubbard_v"].values).any()
                     for s in subset.samples)
         model = hubbard_model_config(self.species, self.attrs, cutoff=self.args.cutoff, predict_u=True,
-                                     predict_v=has_v and bool(self.pair_ls), **SIZES[candidate["size"]])
+                                     predict_v=has_v and bool(self.pair_ls),
+                                     v_sum_images=bool(candidate.get("v_sum_images")), **SIZES[candidate["size"]])
         config = {
             "model": model, "epochs": int(candidate["epochs"]), "batch_size": min(self.args.batch_size, len(subset)),
             "split": {"train": list(range(len(subset))), "val": [], "test": []}, "seed": int(seed),
@@ -525,8 +526,9 @@ def run_evaluation(args) -> dict:
     )
     if len(usable_materials) < 2:
         raise SystemExit("leave-one-material-out needs at least two materials with usable labels")
-    candidates = [{"size": size, "epochs": int(epochs), "residual": residual}
-                  for residual in args.residual for size in args.sizes for epochs in args.epochs]
+    candidates = [{"size": size, "epochs": int(epochs), "residual": residual, "v_sum_images": images}
+                  for residual in args.residual for images in args.v_sum_images for size in args.sizes
+                  for epochs in args.epochs]
     seeds = [args.seed + k for k in range(args.seeds)]
     trainer = Trainer(record, args)
 
@@ -643,6 +645,9 @@ def main(argv=None) -> None:
     )
     e.add_argument("--residual", nargs="+", type=lambda v: {"yes": True, "no": False}[v], default=[False, True],
                    metavar="{yes,no}", help="candidate targets: absolute U/V (no) and/or U - U_scf, V - V_scf (yes)")
+    e.add_argument("--v-sum-images", nargs="+", type=lambda v: {"yes": True, "no": False}[v], default=[False],
+                   metavar="{yes,no}", help="candidate V readouts: the V head per couple (no) and/or summed over the "
+                                            "couple's periodic images, as hp.x at q = Gamma sums them (yes)")
     e.add_argument("--val-fraction", type=float, default=0.25, help="fraction of the training materials for validation")
     e.add_argument("--learning-curve", nargs="+", default=["auto"],
                    help="numbers of training materials, 'auto' (1, 2, 4, ... all) or 'none'")

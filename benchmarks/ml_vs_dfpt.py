@@ -12,6 +12,11 @@ prints a Markdown table, and plots U (V) against iteration for both loops (``doc
                                                            # running it again (same settings; its timing was taken
                                                            # under the campaign's load: the JSON says so)
     python benchmarks/ml_vs_dfpt.py ... --reuse-campaign Li2NiCoO4-layered   # only for that (costly) material
+    python benchmarks/ml_vs_dfpt.py --materials TiO2-rutile@1x1x2 --keep-earlier   # add one row to the file
+
+``--keep-earlier`` keeps the rows of an earlier invocation for the materials not run now (each row names its own
+command and commit, and its per-iteration U / V for the plot when it has them), so a costly material can be added
+on another day, on a machine whose AiiDA profile no longer holds the earlier loops.
 
 A material in the model's training set is refused (held-out means a material the model never saw).
 """
@@ -177,18 +182,29 @@ def ml_summary(name: str, node, wall: float | None = None):
     }
 
 
+def iteration_series(iterations: list[dict]) -> list[dict]:
+    """Per iteration ``{"u": {atom: eV}, "v": {"i-j-t1,t2,t3": eV}}`` with string keys, for the json."""
+    return [{'u': {str(k): v for k, v in it['u'].items()},
+             'v': {f'{k[0]}-{k[1]}-' + ','.join(map(str, k[2])): v for k, v in it['v'].items()}}
+            for it in iterations]
+
+
 def plot(rows: list[dict], path: pathlib.Path) -> None:
+    """U (and V), mean over the sites (couples), against iteration for both loops of every row that has them."""
     import matplotlib
 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
+    rows = [row for row in rows if row.get('iterations')]  # rows kept from before the series were stored: none
+    if not rows:
+        return
     fig, axes = plt.subplots(1, len(rows), figsize=(4 * len(rows), 3.2), squeeze=False)
     for ax, row in zip(axes[0], rows):
         for loop, style in (('dfpt', 'o-'), ('ml', 's--')):
-            values = [np.mean(list(it['u'].values())) for it in row['_runs'][loop]['iterations']]
+            values = [np.mean(list(it['u'].values())) for it in row['iterations'][loop] if it['u']]
             ax.plot(range(1, len(values) + 1), values, style, label=f'U {loop}')
-            v_values = [np.mean(list(it['v'].values())) for it in row['_runs'][loop]['iterations'] if it['v']]
+            v_values = [np.mean(list(it['v'].values())) for it in row['iterations'][loop] if it['v']]
             if v_values:
                 ax.plot(range(1, len(v_values) + 1), v_values, style, label=f'V {loop}', alpha=0.6)
         ax.set_title(row['material'])
@@ -215,6 +231,8 @@ def main(argv=None) -> None:
     parser.add_argument('--dfpt-workchain', action='append', default=[], metavar='MATERIAL=PK',
                         help='take the DFPT loop of MATERIAL from this finished eqml.labels.hubbard run (one this '
                              'script ran before) instead of running it')
+    parser.add_argument('--keep-earlier', action='store_true',
+                        help='keep the rows of the existing --out file for the materials not run now')
     parser.add_argument('--profile', default=None)
     parser.add_argument('--out', default=str(OUT / 'ml_vs_dfpt.json'))
     args = parser.parse_args(argv)
@@ -309,20 +327,35 @@ def main(argv=None) -> None:
                     'ml': None if spec in ml_nodes else [load_between, load_after],
                 },
                 'ml_first_prediction_s': ml['first_prediction_s'],
-                '_runs': {'dfpt': dfpt, 'ml': ml},
+                'iterations': {'dfpt': iteration_series(dfpt['iterations']),
+                               'ml': iteration_series(ml['iterations'])},
             }
         )
         print(f'{spec}: DFPT {dfpt["wall_s"]:.0f} s, ML {ml["wall_s"]:.0f} s', flush=True)
     commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    plot(rows, pathlib.Path(args.out).with_suffix('.png'))
+    command = ' '.join(['python', 'benchmarks/ml_vs_dfpt.py', *(argv or sys.argv[1:])])
+    for row in rows:
+        row.update(command=command, commit=commit)
+    out = pathlib.Path(args.out)
+    if args.keep_earlier and out.exists():
+        before = json.loads(out.read_text())
+        if before.get('models_content_sha256') != sorted(model.content_sha256 for model in models):
+            raise SystemExit(f'--keep-earlier: {out} was made with other models; its rows are not comparable')
+        run_now = {row['material'] for row in rows}
+        kept = [r for r in before['materials'] if r['material'] not in run_now]
+        for r in kept:  # a row of a file from before rows named their own command and commit: the file's
+            r.setdefault('command', before['command'])
+            r.setdefault('commit', before['commit'])
+        rows = kept + rows
+    plot(rows, out.with_suffix('.png'))
     payload = {
-        'command': ' '.join(['python', 'benchmarks/ml_vs_dfpt.py', *(argv or sys.argv[1:])]), 'commit': commit,
+        'command': command, 'commit': commit,
         'protocol': models_protocol({f'm{i}': m for i, m in enumerate(models)}) or REFERENCE_PROTOCOL,
         'reuse_campaign': args.reuse_campaign,
         'models_content_sha256': sorted(model.content_sha256 for model in models),
-        'materials': [{k: v for k, v in row.items() if not k.startswith('_')} for row in rows],
+        'materials': rows,
     }
-    pathlib.Path(args.out).write_text(json.dumps(payload, indent=1) + '\n')
+    out.write_text(json.dumps(payload, indent=1) + '\n')
     print('\n| material | atoms | DFPT s | ML s | speedup | ML / scf floor | MARE U | MARE V | d moment | d gap eV '
           '| it ML/DFPT |')
     print('|---|---|---|---|---|---|---|---|---|---|---|')

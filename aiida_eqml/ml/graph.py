@@ -155,6 +155,29 @@ def match_edges(senders, receivers, shifts, keys) -> np.ndarray:
     return np.array([lookup.get(tuple(k), -1) for k in keys.tolist()], dtype=np.int64)
 
 
+def sum_over_images(values: e3nn.IrrepsArray, senders, receivers, edge_mask) -> e3nn.IrrepsArray:
+    """Every edge i -> j gets the sum of ``values`` over all edges i -> j, whatever their translation S.
+
+    This is what a linear-response calculation at q = 0 in the cell sees of a pair interaction: hp.x at q = Gamma
+    perturbs an atom and all its periodic images at once, so its V_ij is sum_S V(i, j + S), the q = 0 Fourier
+    component of the real-space V (the inverse of the q = 0 response matrix is the q = 0 component of the inverse).
+    A head summed this way learns the local V(i, j + S) of each couple, and its value on a supercell (fewer images
+    per couple) is what hp.x at q = Gamma gives there. Padding edges (``edge_mask`` 0) neither add nor receive.
+    Static shapes (a sort and a segment sum over the edges), so it jits once per padding bucket.
+    """
+    import jax
+
+    senders, receivers = jnp.asarray(senders), jnp.asarray(receivers)
+    mask = jnp.asarray(edge_mask, values.array.dtype)[:, None]
+    # group the edges by (sender, receiver) with static shapes: sort, mark where the pair changes, number the runs
+    order = jnp.lexsort((receivers, senders))
+    s_sorted, r_sorted = senders[order], receivers[order]
+    starts = jnp.concatenate([jnp.ones((1,), bool), (s_sorted[1:] != s_sorted[:-1]) | (r_sorted[1:] != r_sorted[:-1])])
+    group = jnp.zeros_like(order).at[order].set(jnp.cumsum(starts) - 1)
+    total = jax.ops.segment_sum(values.array * mask, group, num_segments=senders.shape[0])
+    return e3nn.IrrepsArray(values.irreps, total[group] * mask)
+
+
 def _checked_cutoff(cutoff) -> float:
     try:
         value = float(cutoff)

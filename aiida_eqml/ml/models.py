@@ -28,9 +28,10 @@ Config keys (defaults in :data:`DEFAULT_CONFIG`):
     the radial MLP input).
 ``heads``
     ``{name: {"level": "node"|"edge"|"graph", "irreps": str | "tensor": formula or
-    {"formula", "index_irreps"}, "route": "direct"|"derivative", "reduce": "sum"|"mean",
+    {"formula", "index_irreps"}, "route": "direct"|"derivative", "reduce": "sum"|"mean"|"images",
     "quantity": ...}}``. Graph heads reduce a node readout over the nodes (``reduce``, default
-    ``sum``). Derivative heads come from the energy head ``config["energy_head"]``
+    ``sum``). An edge head with ``reduce: "images"`` gives every edge i -> j the sum of its readout over all
+    edges i -> j (every translation S within the cutoff; :func:`aiida_eqml.ml.graph.sum_over_images`). Derivative heads come from the energy head ``config["energy_head"]``
     (default ``"energy"``, a graph ``0e`` head added automatically when missing) through
     :mod:`aiida_eqml.ml.response`; ``quantity`` (default: the head name) is one of
     :data:`aiida_eqml.ml.response.QUANTITIES`. Their level and irreps are fixed by the quantity.
@@ -64,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .architectures import TrunkInputs, get_architecture
-from .graph import Graph, edge_vectors
+from .graph import Graph, edge_vectors, sum_over_images
 from .layers import EdgeReadout, FieldCoupling, NodeReadout, radial_basis, safe_norm_vectors
 from .magnetic import check_magnetic_config, magnetic_inputs
 from .tensors import CartesianTensorType, tensor_type
@@ -108,7 +109,7 @@ class HeadSpec(NamedTuple):
     tensor: CartesianTensorType | None  # Cartesian type when the head is a tensor
     route: str  # direct | derivative
     quantity: str | None = None  # derivative route: which derivative of the energy
-    reduce: str = "sum"  # graph heads from nodes: sum | mean
+    reduce: str = "sum"  # graph heads from nodes: sum | mean; edge heads: sum (each edge) | images
 
 
 def _parse_head(name: str, spec: dict, energy_head: str) -> HeadSpec:
@@ -143,8 +144,9 @@ def _parse_head(name: str, spec: dict, energy_head: str) -> HeadSpec:
     ttype = tensor_type(spec["tensor"]) if "tensor" in spec else None
     irreps = ttype.irreps if ttype is not None else e3nn.Irreps(spec["irreps"])
     reduce = spec.get("reduce", "sum")
-    if reduce not in ("sum", "mean"):
-        raise ValueError(f"head {name!r}: reduce must be 'sum' or 'mean', got {reduce!r}")
+    allowed = ("sum", "images") if level == "edge" else ("sum", "mean") if level == "graph" else ("sum",)
+    if reduce not in allowed:
+        raise ValueError(f"head {name!r}: a {level} head's reduce must be one of {allowed}, got {reduce!r}")
     return HeadSpec(level, irreps, ttype, "direct", None, reduce)
 
 
@@ -288,6 +290,8 @@ class EquivariantNetwork(nn.Module):
                     table = _shift_table(shift, (num_species, num_species), head.irreps, name, dtype)
                     pair_shift = table[graph.species[graph.senders], graph.species[graph.receivers]]
                     out = out + e3nn.IrrepsArray(out.irreps, pair_shift * graph.edge_mask[:, None])
+                if head.reduce == "images":
+                    out = sum_over_images(out, graph.senders, graph.receivers, graph.edge_mask)
                 outputs[name] = out
                 continue
             out = NodeReadout(head.irreps, num_species, cfg["readout_product_mul"], name=f"head_{name}")(

@@ -57,7 +57,8 @@ def compute_normalization(dataset: Dataset, model_config: Mapping[str, Any], gra
 
     Shift: per-species mean of the ``0e`` components (the model only uses those: a non-scalar
     shift would break equivariance); graph heads fit the shift by least squares on the
-    composition (sum or mean reduce), edge heads average by (sender, receiver) species.
+    composition (sum or mean reduce), edge heads average by (sender, receiver) species (a head summed over
+    periodic images, ``reduce: "images"``, averages label / number of images, since each image adds the shift).
     Scale: RMS of the shifted labels over all components, so the network learns O(1) numbers.
     Derivative heads are skipped (they follow the energy head).
     """
@@ -75,8 +76,12 @@ def compute_normalization(dataset: Dataset, model_config: Mapping[str, Any], gra
             continue
         irreps, to_irreps = target_irreps_type(spec)
         scalar = np.concatenate([np.full(ir.dim * mul, ir.l == 0 and ir.p == 1) for mul, ir in irreps])
-        rows, species_rows = [], []
-        for s in dataset.samples:
+        rows, species_rows, image_rows = [], [], []
+        if head.level == "edge" and head.reduce == "images" and graphs is None:
+            from aiida_eqml.ml.dataset import build_graphs
+
+            graphs = build_graphs(dataset, model_config)
+        for number, s in enumerate(dataset.samples):
             sp = np.array([index[ase.data.chemical_symbols[z]] for z in s.numbers])
             if head.level == "node" and name in s.node_targets:
                 values = s.node_targets[name]
@@ -94,6 +99,13 @@ def compute_normalization(dataset: Dataset, model_config: Mapping[str, Any], gra
                 ok = np.all(np.isfinite(ev.values.reshape(len(ev.keys), -1)), axis=1)
                 rows.append(to_irreps(np.nan_to_num(ev.values))[ok])
                 species_rows.append(np.stack([sp[ev.keys[ok, 0]], sp[ev.keys[ok, 1]]], axis=1))
+                if head.reduce == "images":  # edges i -> j of the sample's graph, whatever their translation
+                    g = graphs[number]
+                    pair_count = {}
+                    for i, j in zip(np.asarray(g.senders).tolist(), np.asarray(g.receivers).tolist()):
+                        pair_count[(i, j)] = pair_count.get((i, j), 0) + 1
+                    image_rows.append(np.array([max(pair_count.get((int(i), int(j)), 1), 1)
+                                                for i, j in ev.keys[ok, :2]], float))
         if not rows or sum(len(r) for r in rows) == 0:
             continue
         y = np.concatenate(rows)
@@ -112,13 +124,14 @@ def compute_normalization(dataset: Dataset, model_config: Mapping[str, Any], gra
             baseline = composition @ coef
         else:
             pairs = np.concatenate(species_rows)
+            images = np.concatenate(image_rows)[:, None] if image_rows else np.ones((len(y), 1))
             shift = np.zeros((S, S, irreps.dim))
             for i in range(S):
                 for j in range(S):
                     sel = (pairs[:, 0] == i) & (pairs[:, 1] == j)
                     if np.any(sel):
-                        shift[i, j] = y[sel].mean(axis=0)
-            baseline = shift[pairs[:, 0], pairs[:, 1]]
+                        shift[i, j] = (y[sel] / images[sel]).mean(axis=0)
+            baseline = shift[pairs[:, 0], pairs[:, 1]] * images
         shift = shift * scalar  # what the model actually adds
         baseline = baseline * scalar
         scale = float(np.sqrt(np.mean((y - baseline) ** 2)))

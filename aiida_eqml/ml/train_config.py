@@ -40,8 +40,9 @@ DEFAULT_TRAINING_CONFIG: dict[str, Any] = {
     "divergence_factor": 1.0e4,  # loss > factor * first-epoch loss -> DivergenceError
     "normalization": "auto",  # auto: from the training set unless model["normalization"] is given
     "progress": True,
-    # Hubbard records only (aiida_eqml.ml.hubbard.training): {"residual": bool}, learn U - U_scf and V - V_scf
-    "hubbard": {"residual": False},
+    # Hubbard records only (aiida_eqml.ml.hubbard.training): "residual": learn U - U_scf and V - V_scf;
+    # "v_sum_images": V of a couple is the V head summed over its periodic images (what hp.x at q = Gamma gives)
+    "hubbard": {"residual": False, "v_sum_images": False},
 }
 
 
@@ -72,8 +73,9 @@ def training_config(config: Mapping[str, Any] | None) -> dict:
         raise ValueError(f"optimizer name must be 'adam' or 'adamw', got {full['optimizer']['name']!r}")
     if full["optimizer"]["schedule"] not in ("cosine", "exponential", "constant"):
         raise ValueError(f"schedule must be cosine, exponential or constant, got {full['optimizer']['schedule']!r}")
-    if not isinstance(full["hubbard"]["residual"], bool):
-        raise ValueError(f"hubbard.residual must be true or false, got {full['hubbard']['residual']!r}")
+    for key in ("residual", "v_sum_images"):
+        if not isinstance(full["hubbard"][key], bool):
+            raise ValueError(f"hubbard.{key} must be true or false, got {full['hubbard'][key]!r}")
     validate_training_config(full)  # types and ranges (aiida_eqml.ml.config_schema): ConfigError naming key and value
     return full
 

@@ -6,7 +6,10 @@
   ``(sender, receiver, shift)`` -- the couples of ``HubbardStructureData.hubbard.parameters``
   (neighbour j at ``r_j + S.cell``), matched to edges with :func:`aiida_eqml.ml.graph.match_edges`.
   The cutoff must therefore exceed the longest V couple (:func:`pair_edge_indices` says which
-  couple is missing otherwise).
+  couple is missing otherwise). With ``v_sum_images`` the head is summed over the periodic images of each
+  couple (``reduce: "images"``, :func:`aiida_eqml.ml.graph.sum_over_images`): the V of hp.x at q = Gamma is
+  sum_S V(i, j + S), so the network learns the local V of each image and a supercell gets what hp.x at q = Gamma
+  gives there, instead of the primitive cell's value on every couple.
 
 The inputs are the descriptors of :mod:`aiida_eqml.ml.hubbard.records` given as node / edge
 attributes (``config["node_attrs"]`` / ``config["edge_attrs"]``): on-site and inter-site
@@ -62,6 +65,7 @@ def hubbard_model_config(
     cutoff: float = 4.0,
     predict_u: bool = True,
     predict_v: bool | None = None,
+    v_sum_images: bool = False,
     **overrides,
 ) -> dict:
     """Model config (plain JSON) with heads ``hubbard_u`` (node) and / or ``hubbard_v`` (edge).
@@ -70,6 +74,7 @@ def hubbard_model_config(
     :func:`aiida_eqml.ml.hubbard.records.hubbard_training_dataset` (descriptor irreps).
     ``predict_v`` defaults to whether pair descriptors are present. ``overrides`` replace any
     model-core key (see :mod:`aiida_eqml.ml.models`), e.g. ``hidden_irreps`` or ``num_layers``.
+    ``v_sum_images``: V of a couple is the head summed over all its periodic images (the module docstring).
     """
     node_attrs = dict(attrs.get("node_attrs", {}))
     edge_attrs = dict(attrs.get("edge_attrs", {}))
@@ -82,6 +87,8 @@ def hubbard_model_config(
         heads["hubbard_u"] = head_spec("hubbard_u")
     if predict_v:
         heads["hubbard_v"] = head_spec("hubbard_v")
+        if v_sum_images:
+            heads["hubbard_v"]["reduce"] = "images"
     if not heads:
         raise ValueError("a Hubbard model must predict U, V or both")
     config = copy.deepcopy(SMALL_HUBBARD_CONFIG)

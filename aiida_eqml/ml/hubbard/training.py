@@ -133,9 +133,9 @@ def prepare_hubbard_training(
     config = copy.deepcopy(dict(config))
     options = dict(config.pop("hubbard", None) or {})
     parent_slots = (parent_metadata or {}).get("hubbard") or {}
-    unknown = set(options) - {"residual"}
+    unknown = set(options) - {"residual", "v_sum_images"}
     if unknown:
-        raise ValueError(f"unknown hubbard training keys {sorted(unknown)}; known: ['residual']")
+        raise ValueError(f"unknown hubbard training keys {sorted(unknown)}; known: ['residual', 'v_sum_images']")
     residual = bool(parent_slots.get("residual", options.get("residual", False)))
     if parent_metadata is not None and "residual" in options and bool(options["residual"]) != residual:
         raise ValueError(
@@ -156,6 +156,7 @@ def prepare_hubbard_training(
             cutoff=cutoff,
             predict_u="hubbard_u" in record.target_specs,
             predict_v="hubbard_v" in record.target_specs and bool(pair_ls),
+            v_sum_images=bool(options.get("v_sum_images", False)),
             **model,
         )
         if heads:
