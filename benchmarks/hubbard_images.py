@@ -93,9 +93,17 @@ def main(argv=None) -> None:
             if a == i_super and image_of[b] == j:
                 couples.setdefault(b, v)
         total = float(sum(couples.values())) if couples else None
+        # complete: every image of j in the supercell is a couple hp.x returned (it returns the first shell only,
+        # so an image that the supercell moved beyond it has no value and the sum misses it)
+        complete = len(couples) == len(super_in.sites) // len(prim.numbers)
         rows.append({'couple': [i, j], 'v_prim': value, 'supercell_couples': {str(b): v for b, v in couples.items()},
-                     'v_super_sum': total, 'difference': None if total is None else total - value})
-    u_rows = [{'atom': i, 'u_prim': u, 'u_super': u_super.get(image_of.index(i))} for i, u in sorted(u_prim.items())]
+                     'v_super_sum': total, 'difference': None if total is None else total - value,
+                     'complete': complete})
+    # U_prim(i) = U(i) + sum over i's own images S != 0 of V(i, i + S): the supercell makes the nearest images distinct
+    # atoms, so U_prim - U_super is the coupling of i to those images (hp.x's Ti-Ti V, which the labels do not keep)
+    u_rows = [{'atom': i, 'u_prim': u, 'u_super': u_super.get(image_of.index(i)),
+               'u_prim_minus_super': u - u_super[image_of.index(i)] if image_of.index(i) in u_super else None}
+              for i, u in sorted(u_prim.items())]
     commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=HERE).stdout.strip()
     payload = {
         'command': ' '.join(['python', 'benchmarks/hubbard_images.py', *(argv or sys.argv[1:])]), 'commit': commit,
@@ -106,16 +114,18 @@ def main(argv=None) -> None:
     pathlib.Path(args.out).write_text(json.dumps(payload, indent=1) + '\n')
     print(f'{args.cell} (q = Gamma, {len(prim.numbers)} atoms) vs its {len(super_in.sites)}-atom supercell, '
           f'first hp.x of each, same U inputs: {same_inputs}')
-    print('\n| couple (i, j) | V primitive (eV) | V supercell per image couple (eV) | sum | sum - primitive |')
-    print('|---|---|---|---|---|')
+    print('\n| couple (i, j) | V primitive (eV) | V supercell per image couple (eV) | sum | sum - primitive | all images |')
+    print('|---|---|---|---|---|---|')
     for r in rows:
         images = ', '.join(f'{v:+.3f}' for v in r['supercell_couples'].values()) or '-'
         total = '-' if r['v_super_sum'] is None else f"{r['v_super_sum']:+.3f}"
         diff = '-' if r['difference'] is None else f"{r['difference']:+.3f}"
-        print(f"| {tuple(r['couple'])} | {r['v_prim']:+.3f} | {images} | {total} | {diff} |")
-    print('\n| atom | U primitive | U supercell |\n|---|---|---|')
+        print(f"| {tuple(r['couple'])} | {r['v_prim']:+.3f} | {images} | {total} | {diff} | "
+              f"{'yes' if r['complete'] else 'no'} |")
+    print('\n| atom | U primitive (eV) | U supercell (eV) | primitive - supercell |\n|---|---|---|---|')
     for r in u_rows:
-        print(f"| {r['atom']} | {r['u_prim']:.3f} | {r['u_super'] if r['u_super'] is None else round(r['u_super'], 3)} |")
+        fmt = lambda x: '-' if x is None else f'{x:.3f}'  # noqa: E731
+        print(f"| {r['atom']} | {fmt(r['u_prim'])} | {fmt(r['u_super'])} | {fmt(r['u_prim_minus_super'])} |")
 
 
 if __name__ == '__main__':
