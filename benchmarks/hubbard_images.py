@@ -114,7 +114,8 @@ def main(argv=None) -> None:
     pathlib.Path(args.out).write_text(json.dumps(payload, indent=1) + '\n')
     print(f'{args.cell} (q = Gamma, {len(prim.numbers)} atoms) vs its {len(super_in.sites)}-atom supercell, '
           f'first hp.x of each, same U inputs: {same_inputs}')
-    print('\n| couple (i, j) | V primitive (eV) | V supercell per image couple (eV) | sum | sum - primitive | all images |')
+    print('\n| couple (i, j) | V primitive (eV) | V supercell per image couple (eV) | sum | sum - primitive '
+          '| all images |')
     print('|---|---|---|---|---|---|')
     for r in rows:
         images = ', '.join(f'{v:+.3f}' for v in r['supercell_couples'].values()) or '-'

@@ -31,7 +31,8 @@ Config keys (defaults in :data:`DEFAULT_CONFIG`):
     {"formula", "index_irreps"}, "route": "direct"|"derivative", "reduce": "sum"|"mean"|"images",
     "quantity": ...}}``. Graph heads reduce a node readout over the nodes (``reduce``, default
     ``sum``). An edge head with ``reduce: "images"`` gives every edge i -> j the sum of its readout over all
-    edges i -> j (every translation S within the cutoff; :func:`aiida_eqml.ml.graph.sum_over_images`). Derivative heads come from the energy head ``config["energy_head"]``
+    edges i -> j (every translation S within the cutoff; :func:`aiida_eqml.ml.graph.sum_over_images`).
+    Derivative heads come from the energy head ``config["energy_head"]``
     (default ``"energy"``, a graph ``0e`` head added automatically when missing) through
     :mod:`aiida_eqml.ml.response`; ``quantity`` (default: the head name) is one of
     :data:`aiida_eqml.ml.response.QUANTITIES`. Their level and irreps are fixed by the quantity.
