@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import e3nn_jax as e3nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -165,8 +166,6 @@ def sum_over_images(values: e3nn.IrrepsArray, senders, receivers, edge_mask) -> 
     per couple) is what hp.x at q = Gamma gives there. Padding edges (``edge_mask`` 0) neither add nor receive.
     Static shapes (a sort and a segment sum over the edges), so it jits once per padding bucket.
     """
-    import jax
-
     senders, receivers = jnp.asarray(senders), jnp.asarray(receivers)
     mask = jnp.asarray(edge_mask, values.array.dtype)[:, None]
     # group the edges by (sender, receiver) with static shapes: sort, mark where the pair changes, number the runs

@@ -158,7 +158,9 @@ def _setup(dataset: Dataset, cfg: Mapping[str, Any], parent: tuple[dict, Any] | 
     graphs = build_graphs(dataset, graph_config)
     model_config = complete_model_config(model_config, dataset, [graphs[i] for i in split["train"]])
     if parent is None and (cfg["normalization"] == "auto" and not model_config.get("normalization")):
-        model_config["normalization"] = compute_normalization(subsets["train"], model_config)
+        model_config["normalization"] = compute_normalization(
+            subsets["train"], model_config, [graphs[i] for i in split["train"]]
+        )
     model = build_model(model_config)
     model_config = model.config  # defaults filled in: exactly what the model file stores
 
