@@ -17,7 +17,9 @@ OLD_RECORD = ROOT / "docs" / "benchmarks" / "hubbard_labels.npz"
 CAMPAIGN = ROOT / "benchmarks" / "data" / "hubbard_campaign"
 
 #: Synthetic law of the labels: U = a + b tr n per element (what the occupation-linear baseline must recover).
-LAW = {"Ni": (1.0, 0.5), "Mn": (-1.0, 0.8), "Co": (0.5, 0.6)}
+LAW = {"Ni": (1.0, 0.5), "Mn": (-1.0, 0.8), "Co": (0.5, 0.6), "Fe": (0.0, 0.7)}
+#: The default materials: (name, metal, with V labels).
+MATERIALS = (("NiO-rocksalt-fm", "Ni", True), ("MnO-rocksalt-fm", "Mn", False), ("CoO-rocksalt-fm", "Co", False))
 V_LAW = (0.2, 0.1)
 
 
@@ -25,12 +27,11 @@ def _gapped(gap=1.0):
     return {"scf_converged": True, "band_gap_up_ev": gap, "band_gap_down_ev": gap, "total_magnetization": 2.0}
 
 
-def synthetic_record(metal_sample=None) -> Dataset:
-    """3 materials (NiO with V, MnO, CoO) x 2 strains x 2 iterations of a 2-atom rock-salt cell."""
+def synthetic_record(metal_sample=None, materials=MATERIALS) -> Dataset:
+    """3 materials (NiO with V, MnO, CoO; or ``materials``) x 2 strains x 2 iterations of a 2-atom rock-salt cell."""
     rng = np.random.default_rng(0)
     samples = []
-    for material, metal, with_v in (("NiO-rocksalt-fm", "Ni", True), ("MnO-rocksalt-fm", "Mn", False),
-                                    ("CoO-rocksalt-fm", "Co", False)):
+    for material, metal, with_v in materials:
         for strain in (0.98, 1.02):
             u_in, v_in = 5.0, 0.5
             for iteration in (1, 2):
@@ -105,6 +106,27 @@ def test_validation_falls_back_to_cells_then_none(record):
     )
     one_cell = [i for i in ni if record.samples[i].info["strain"] == 0.98]
     assert ev.validation_split(record, one_cell, 0.5) == (one_cell, [], "none")
+
+
+def test_validation_draws_a_v_material_and_leaves_one_to_fit():
+    """With V labels on two of five materials, every seeded draw (a quarter, or most, of the materials) validates on
+    one V material and fits on the other: a V option is never judged on U alone, nor fitted without V."""
+    five = (*MATERIALS[:2], ("CoO-rocksalt-fm", "Co", True), ("FeO-rocksalt-fm", "Fe", False),
+            ("NiO-rocksalt-afm2", "Ni", False))
+    record = synthetic_record(materials=five)
+    train = list(range(len(record)))
+    v_materials = {"NiO-rocksalt-fm", "CoO-rocksalt-fm"}
+    for fraction in (0.25, 0.8):
+        for seed in range(12):
+            fit, val, unit = ev.validation_split(record, train, fraction, seed=seed)
+            in_val = {ev.material_of(record.samples[i]) for i in val}
+            in_fit = {ev.material_of(record.samples[i]) for i in fit}
+            assert unit == "material" and sorted(fit + val) == train and not in_val & in_fit
+            assert in_val & v_materials and in_fit & v_materials, (fraction, seed, in_val)
+            assert len(in_val) == min(4, max(1, round(fraction * 5)))
+    # one V material only: it may fall on either side (nothing to balance), the draw is unchanged
+    record = synthetic_record()
+    assert ev.validation_split(record, list(range(len(record))), 0.34, seed=3)[2] == "material"
 
 
 def test_previous_iteration_baseline_is_exactly_the_scf_value(record):

@@ -150,18 +150,39 @@ def material_splits(
              "test": list(by_material[m])} for m in names]
 
 
+def _has_v_labels(sample) -> bool:
+    target = sample.edge_targets.get("hubbard_v")
+    return target is not None and bool(np.isfinite(np.asarray(target.values, float)).any())
+
+
 def validation_split(
     record, train: Sequence[int], fraction: float = 0.25, seed: int = 0
 ) -> tuple[list[int], list[int], str]:
     """``(fit, validation, unit)``: the training samples split by *material* (a seeded ``fraction`` of the training
     materials, at least one) so that model selection sees materials it did not fit; with one training material, by
-    DFT cell (strain) instead; with one cell, no validation (``unit`` ``"none"``)."""
+    DFT cell (strain) instead; with one cell, no validation (``unit`` ``"none"``).
+
+    When two or more of the groups carry V labels, the validation groups include one of them (and the fit keeps at
+    least one): a draw of U-only materials would judge every V option on U alone (the seventh session's summed-V
+    evaluation did exactly that). A draw that already holds a V group is kept as it is."""
     rng = np.random.default_rng(seed)
     for unit, key in (("material", material_of), ("cell", cell_of)):
         groups = sorted({key(record.samples[i]) for i in train})
         if len(groups) >= 2:
             n_val = min(len(groups) - 1, max(1, int(round(fraction * len(groups)))))
-            val_groups = {groups[k] for k in rng.permutation(len(groups))[:n_val]}
+            order = [groups[k] for k in rng.permutation(len(groups))]
+            val_groups = order[:n_val]
+            with_v = {key(record.samples[i]) for i in train if _has_v_labels(record.samples[i])}
+            if len(with_v) >= 2 and not with_v & set(val_groups):
+                # the first V group of the same permutation replaces the last drawn group: still seeded
+                val_groups[-1] = next(g for g in order[n_val:] if g in with_v)
+            elif len(with_v) >= 2 and with_v <= set(val_groups):
+                # and the fit keeps one: the last V group drawn goes back for the first U-only group left
+                last_v = max(k for k, g in enumerate(val_groups) if g in with_v)
+                spare = [g for g in order[n_val:] if g not in with_v]
+                if spare:
+                    val_groups[last_v] = spare[0]
+            val_groups = set(val_groups)
             fit = [i for i in train if key(record.samples[i]) not in val_groups]
             val = [i for i in train if key(record.samples[i]) in val_groups]
             return fit, val, unit
