@@ -2,9 +2,11 @@
 
 Every cell of the plan (material x strain, ``aiida_eqml.local.hubbard_materials``) runs as one
 ``eqml.labels.hubbard`` work chain (aiida-hubbard's self-consistent scf -> hp.x cycle, each iteration one label)
-at the reference protocol (``aiida_eqml.ml.hubbard.protocol.REFERENCE_PROTOCOL``), submitted to the daemon, at
-most ``--jobs`` at a time (serial pw.x/hp.x: one core each). A finished cell is exported at once to
-``benchmarks/data/hubbard_campaign/<key>.npz`` (its labels, each sample's info naming material, structure type,
+at the campaign's protocol (``--protocol``: ``gamma``, the shipped labels at
+``aiida_eqml.ml.hubbard.protocol.REFERENCE_PROTOCOL``, hp.x at q = Gamma; ``q222``, the next campaign at
+``REFERENCE_PROTOCOL_Q222``, hp.x on a 2x2x2 q mesh), submitted to the daemon, at most ``--jobs`` at a time (serial
+pw.x/hp.x: one core each). A finished cell is exported at once to ``benchmarks/data/hubbard_campaign/<key>.npz``
+(``hubbard_campaign_q222/`` for ``q222``; its labels, each sample's info naming material, structure type,
 iteration and protocol) and ``<key>.json`` (pks, exit status, wall times per step). Commit those files as they
 arrive: re-running skips every cell that has them, so the campaign continues on another day on a fresh machine.
 Cells whose loop failed get a ``.json`` with the failure and no ``.npz``; ``--retry-failed`` runs them again.
@@ -14,6 +16,7 @@ Cells whose loop failed get a ``.json`` with the failure and no ``.npz``; ``--re
     python benchmarks/hubbard_campaign.py export                     # export finished cells without submitting
     python benchmarks/hubbard_campaign.py merge OUT.npz              # one record of every exported label
     python benchmarks/hubbard_campaign.py summary                    # label counts vs the targets -> JSON
+    python benchmarks/hubbard_campaign.py --protocol q222 run --only LiCoO2_layered_s100   # the 2x2x2 q campaign
 
 Needs a profile made by ``aiida-eqml local setup`` and a running daemon (``verdi daemon start``).
 """
@@ -23,14 +26,20 @@ import argparse
 import json
 import pathlib
 import re
-import subprocess
 import sys
 import time
 
-import numpy as np
-
 HERE = pathlib.Path(__file__).resolve().parent
-DATA = HERE / 'data' / 'hubbard_campaign'
+DOCS = HERE.parent / 'docs' / 'benchmarks'
+#: Each campaign (one label protocol, ``aiida_eqml.ml.hubbard.protocol.CAMPAIGN_PROTOCOLS``) keeps its exported
+#: cells and its summary apart: ``gamma`` is the shipped one (hp.x at q = Gamma), ``q222`` the next (2x2x2 q).
+CAMPAIGN_FILES = {
+    'gamma': (HERE / 'data' / 'hubbard_campaign', DOCS / 'hubbard_campaign.json'),
+    'q222': (HERE / 'data' / 'hubbard_campaign_q222', DOCS / 'hubbard_campaign_q222.json'),
+}
+#: The campaign this process works on (``use_campaign``; ``--protocol``): its name, exported cells and summary.
+CAMPAIGN = 'gamma'
+DATA, SUMMARY = CAMPAIGN_FILES[CAMPAIGN]
 EXTRA = 'eqml_hubbard_campaign'  # extras key on each submitted work chain: its cell key
 #: Bumped when the cells' definition changes (3: U+V cells with U on every TM site and TM-O V, no U on O 2p), so
 #: that work chains of an older definition in the profile are not taken for this one.
@@ -46,6 +55,22 @@ ORDER = (
     'CoO-rocksalt-afm2', 'TiO2-rutile', 'FeO-rocksalt-afm2', 'MnO2-rutile-afm', 'LiNiO2-layered', 'CoO2-layered',
     'NiO-rocksalt-fm', 'MnO-rocksalt-fm', 'Li2NiCoO4-layered', 'Sr3Ti2O7-ruddlesden-popper', 'TiO2-anatase',
 )
+
+
+def use_campaign(name: str) -> None:
+    """Work on the campaign ``name`` from now on (module state: this is a script, one campaign per process)."""
+    global CAMPAIGN, DATA, SUMMARY
+    if name not in CAMPAIGN_FILES:
+        raise SystemExit(f'--protocol {name!r}: the campaigns are {sorted(CAMPAIGN_FILES)}')
+    CAMPAIGN = name
+    DATA, SUMMARY = CAMPAIGN_FILES[name]
+
+
+def protocol() -> dict:
+    """The label protocol of the current campaign."""
+    from aiida_eqml.ml.hubbard.protocol import CAMPAIGN_PROTOCOLS
+
+    return CAMPAIGN_PROTOCOLS[CAMPAIGN]
 
 
 def plan() -> list[tuple[str, str, float]]:
@@ -65,14 +90,18 @@ def state(key: str) -> str:
 
 
 def build(name: str, strain: float, key: str, codes: dict, repeat: tuple[int, int, int] = (1, 1, 1), *,
-          structure=None, max_iterations: int = MAX_ITERATIONS, qpoints_distance: float = 100.0,
+          structure=None, max_iterations: int = MAX_ITERATIONS, qpoints_distance: float | None = None,
           kpoints_distance: float | None = None, ecutwfc: float | None = None):
-    """The cell's ``eqml.labels.hubbard`` builder at the reference protocol. The keywords change one setting for a
-    sensitivity test (``benchmarks/hubbard_protocol.py``): a structure with other starting U, the number of
-    iterations, the hp.x q and scf k distances, the wavefunction cutoff (Ry; the density cutoff kept at 4x)."""
+    """The cell's ``eqml.labels.hubbard`` builder at the campaign's protocol (its hp.x q mesh included). The
+    keywords change one setting for a sensitivity test (``benchmarks/hubbard_protocol.py``): a structure with other
+    starting U, the number of iterations, the hp.x q distance (instead of the protocol's mesh) and the scf k distance,
+    the wavefunction cutoff (Ry; the density cutoff kept at 4x)."""
+    from aiida import orm
+
     from aiida_eqml.local.hubbard_materials import MATERIALS, hubbard_structure
-    from aiida_eqml.ml.hubbard.protocol import REFERENCE_PROTOCOL as P
     from aiida_eqml.workflows.labels.hubbard import HubbardLabelsWorkChain
+
+    P = protocol()
 
     material = MATERIALS[name]
     structure = hubbard_structure(material, strain, repeat) if structure is None else structure
@@ -95,23 +124,32 @@ def build(name: str, strain: float, key: str, codes: dict, repeat: tuple[int, in
                     'ELECTRONS': {'conv_thr': P['conv_thr_per_atom_ry'] * len(structure.sites)},
                 }},
             },
-            # q = Gamma: a distance larger than any reciprocal vector gives the 1x1x1 mesh.
-            'hubbard': {'qpoints_distance': qpoints_distance, 'parallelize_atoms': False, 'parallelize_qpoints': False},
+            # a distance larger than any reciprocal vector gives the 1x1x1 mesh; another mesh is set below
+            'hubbard': {'qpoints_distance': 100.0 if qpoints_distance is None else qpoints_distance,
+                        'parallelize_atoms': False, 'parallelize_qpoints': False},
         },
     }
     builder = HubbardLabelsWorkChain.get_builder_from_protocol(
         codes['pw'], codes['hp'], {key: structure}, protocol='fast', overrides=overrides,
         starting_magnetization={key: magnetization} if magnetization else None,
     )
-    builder.metadata.label = f'hubbard campaign {key}'
+    if qpoints_distance is None and list(P['hp_qpoints']) != [1, 1, 1]:
+        # the protocol's mesh itself, the same on every strain (a distance would change it with the cell)
+        qpoints = orm.KpointsData()
+        qpoints.set_kpoints_mesh(list(P['hp_qpoints']))
+        builder.hubbard_loop.hubbard.pop('qpoints_distance', None)
+        builder.hubbard_loop.hubbard.qpoints = qpoints
+    builder.metadata.label = f'hubbard campaign {key}' + ('' if CAMPAIGN == 'gamma' else f' ({CAMPAIGN})')
     return builder
 
 
 def find_node(key: str):
     from aiida import orm
 
-    query = orm.QueryBuilder().append(
-        orm.WorkflowNode, filters={f'extras.{EXTRA}': key, f'extras.{EXTRA}_version': VERSION}, tag='w')
+    filters = {f'extras.{EXTRA}': key, f'extras.{EXTRA}_version': VERSION}
+    if CAMPAIGN != 'gamma':  # the same cell key in two campaigns: the protocol tells them apart
+        filters[f'extras.{EXTRA}_protocol'] = protocol()['name']
+    query = orm.QueryBuilder().append(orm.WorkflowNode, filters=filters, tag='w')
     nodes = sorted((row[0] for row in query.iterall()), key=lambda node: node.pk)
     return nodes[-1] if nodes else None
 
@@ -169,15 +207,16 @@ def recover(key: str, node):
 def export(key: str, name: str, strain: float, node) -> str:
     """Write ``<key>.npz`` (labels) and ``<key>.json`` (metadata) of a terminated cell; returns its state."""
     from aiida_eqml.local.hubbard_materials import MATERIALS
-    from aiida_eqml.ml.hubbard.protocol import REFERENCE_PROTOCOL, protocol_fingerprint
+    from aiida_eqml.ml.hubbard.protocol import protocol_fingerprint
 
     material = MATERIALS[name]
+    P = protocol()
     meta = {
         'key': key, 'material': name, 'structure_type': material.structure_type, 'order': material.order,
         'hubbard': material.hubbard, 'strain': strain, 'workchain_pk': node.pk, 'workchain_uuid': node.uuid,
         'exit_status': node.exit_status, 'exit_message': node.exit_message,
         'wall_s': wall_time(node), 'steps': step_times(node),
-        'protocol': REFERENCE_PROTOCOL, 'protocol_fingerprint': protocol_fingerprint(REFERENCE_PROTOCOL),
+        'protocol': P, 'protocol_fingerprint': protocol_fingerprint(P),
     }
     DATA.mkdir(parents=True, exist_ok=True)
     dataset = node.outputs.dataset if node.is_finished_ok and 'dataset' in node.outputs else recover(key, node)
@@ -196,7 +235,7 @@ def export(key: str, name: str, strain: float, node) -> str:
             iteration = int(found.group(1)) if found else None
             sample.info.update({
                 'material': name, 'structure_type': material.structure_type, 'strain': strain,
-                'protocol': REFERENCE_PROTOCOL, 'protocol_fingerprint': meta['protocol_fingerprint'],
+                'protocol': P, 'protocol_fingerprint': meta['protocol_fingerprint'],
                 'campaign_key': key, 'iteration': iteration, 'dataset_uuid': dataset.uuid,
             })
         meta['n_samples'] = len(record)
@@ -237,7 +276,8 @@ def run(args) -> None:
             node = find_node(key)
             if node is None or (node.is_terminated and not (node.is_finished_ok and 'dataset' in node.outputs)):
                 node = submit(build(name, strain, key, codes))
-                node.base.extras.set_many({EXTRA: key, f'{EXTRA}_version': VERSION})
+                node.base.extras.set_many({EXTRA: key, f'{EXTRA}_version': VERSION,
+                                           f'{EXTRA}_protocol': protocol()['name']})
                 print(f'{time.strftime("%H:%M:%S")} submitted {key}: pk {node.pk}', flush=True)
             in_flight[key] = (name, strain, node)
         try:
@@ -261,44 +301,15 @@ def run(args) -> None:
 
 def show_plan(args) -> None:
     if args.markdown:
-        return markdown_table()
+        from hubbard_campaign_report import markdown_table
+
+        return markdown_table(sys.modules[__name__])
     for key, _name, _strain in plan():
         extra = ''
         if (DATA / f'{key}.json').exists():
             meta = json.loads((DATA / f'{key}.json').read_text())
             extra = f"{meta.get('n_samples', 0)} labels, {meta['wall_s']:.0f} s, exit {meta['exit_status']}"
         print(f'{key:34s} {state(key):7s} {extra}')
-
-
-def markdown_table() -> None:
-    """The labelled cells as a Markdown table (docs/hubbard_campaign.md is pasted from this)."""
-    from aiida_eqml.ml.dataset import Dataset
-    from aiida_eqml.ml.hubbard.records import hubbard_label_issues
-
-    print('| cell | type | iterations | wall (s) | scf smearing / fixed / hp.x per iteration (s) | gap (eV) '
-          '| U (eV) per iteration | V (eV) | flagged |')
-    print('|---|---|---|---|---|---|---|---|---|')
-    for key, _name, _strain in plan():
-        if state(key) != 'done':
-            continue
-        meta = json.loads((DATA / f'{key}.json').read_text())
-        record = Dataset.load(DATA / f'{key}.npz')
-        samples = sorted(record.samples, key=lambda s: s.info['iteration'] or 0)
-        steps = {}
-        for step in meta['steps']:
-            kind = step['step'].split('_', 2)[-1].replace('_magnetic', '')
-            steps.setdefault(kind, []).append(step['wall_s'])
-        timing = ' / '.join(
-            f"{sum(v) / len(v):.0f}"
-            for k, v in sorted(steps.items(), key=lambda kv: ('smearing' not in kv[0], 'hp' in kv[0]))
-        )
-        u = ', '.join(f"{np.nanmax(s.node_targets['hubbard_u']):.2f}" for s in samples)
-        v = samples[-1].edge_targets.get('hubbard_v')
-        v_text = f"{float(np.mean(v.values)):.2f}" if v is not None and len(v.keys) else '-'
-        gap = min(samples[-1].info['band_gap_up_ev'], samples[-1].info['band_gap_down_ev'])
-        flagged = sum(bool(hubbard_label_issues(s.info)) for s in samples)
-        print(f"| {key} | {meta['structure_type']} {meta['order']} {meta['hubbard']} | {len(samples)} | "
-              f"{meta['wall_s']:.0f} | {timing} | {gap:.2f} | {u} | {v_text} | {flagged}/{len(samples)} |")
 
 
 def export_finished(args) -> None:
@@ -322,81 +333,11 @@ def merge(args) -> None:
     print(f'{len(merged)} labels of {len(records)} cells -> {args.out}')
 
 
-#: The issue's targets for the campaign: materials with usable labels, U labels, symmetry-distinct V labels.
-TARGETS = {'materials': 8, 'u_labels': 120, 'v_distinct_labels': 30}
-SUMMARY = HERE.parent / 'docs' / 'benchmarks' / 'hubbard_campaign.json'
-
-
-def summary(args) -> None:
-    """Counts per cell and in total (all labels, and the usable ones: scf passing the quality filter), against
-    :data:`TARGETS`; writes ``docs/benchmarks/hubbard_campaign.json`` with the command line and the commit."""
-    from aiida_eqml.ml.dataset import Dataset
-    from aiida_eqml.ml.hubbard.evaluation import distinct_v_couples
-    from aiida_eqml.ml.hubbard.protocol import REFERENCE_PROTOCOL
-    from aiida_eqml.ml.hubbard.records import hubbard_label_issues
-
-    cells, materials = [], set()
-    totals = dict.fromkeys(('hp_runs', 'hp_runs_usable', 'u_labels', 'u_usable', 'v_labels', 'v_usable',
-                            'v_distinct_labels', 'v_distinct_usable', 'wall_s'), 0)
-    for key, name, strain in plan():
-        entry = {'key': key, 'material': name, 'strain': strain, 'state': state(key)}
-        if entry['state'] != 'todo':
-            meta = json.loads((DATA / f'{key}.json').read_text())
-            entry.update(wall_s=meta['wall_s'], exit_status=meta['exit_status'])
-            totals['wall_s'] += meta['wall_s'] or 0
-        if entry['state'] == 'done':
-            counts = dict.fromkeys(('n_samples', 'n_flagged', 'u', 'v', 'v_distinct'), 0)
-            for sample in Dataset.load(DATA / f'{key}.npz').samples:
-                usable = not hubbard_label_issues(sample.info)
-                u = sample.node_targets.get('hubbard_u')
-                n_u = int(np.isfinite(u).sum()) if u is not None else 0
-                v = sample.edge_targets.get('hubbard_v')
-                n_v = int(np.isfinite(v.values).sum()) if v is not None else 0
-                n_distinct = distinct_v_couples(sample)
-                counts['n_samples'] += 1
-                counts['n_flagged'] += not usable
-                counts['u'] += n_u
-                counts['v'] += n_v
-                counts['v_distinct'] += n_distinct
-                for field, value in (
-                    ('hp_runs', 1),
-                    ('u_labels', n_u),
-                    ('v_labels', n_v),
-                    ('v_distinct_labels', n_distinct),
-                ):
-                    totals[field] += value
-                    if usable:
-                        totals[field.replace('_labels', '_usable') if field != 'hp_runs' else 'hp_runs_usable'] += value
-                if usable and (n_u or n_v):
-                    materials.add(name)
-            entry.update(counts)
-        cells.append(entry)
-    totals['materials_usable'] = sorted(materials)
-    met = {'materials': len(materials) >= TARGETS['materials'], 'u_labels': totals['u_usable'] >= TARGETS['u_labels'],
-           'v_distinct_labels': totals['v_distinct_usable'] >= TARGETS['v_distinct_labels']}
-    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    payload = {
-        'command': ' '.join(['python', 'benchmarks/hubbard_campaign.py', *args.argv]),
-        'commit': commit, 'protocol': REFERENCE_PROTOCOL, 'targets': TARGETS, 'targets_met': met,
-        'counting': 'usable = the perturbed scf passes hubbard_label_issues (converged, gapped in both spin channels); '
-                    'V symmetry-distinct: per hp.x run, couples in distinct (spglib orbit pair, bond length) classes '
-                    '(aiida_eqml.ml.hubbard.evaluation.distinct_v_couples)',
-        'totals': totals, 'cells': cells,
-    }
-    SUMMARY.write_text(json.dumps(payload, indent=1) + '\n')
-    print(
-        f"{len(cells)} cells: {sum(c['state'] == 'done' for c in cells)} done, "
-        f"{sum(c['state'] == 'failed' for c in cells)} failed; {totals['hp_runs']} hp.x runs "
-        f"({totals['hp_runs_usable']} usable); U {totals['u_usable']} usable of {totals['u_labels']}; "
-        f"V {totals['v_usable']} usable of {totals['v_labels']}, symmetry-distinct {totals['v_distinct_usable']} "
-        f"usable of {totals['v_distinct_labels']}; {len(materials)} materials with usable "
-        f"labels; targets met: {met} -> {SUMMARY}"
-    )
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--profile', default=None)
+    parser.add_argument('--protocol', default='gamma', choices=sorted(CAMPAIGN_FILES),
+                        help='the campaign: gamma (hp.x at q = Gamma, the shipped labels) or q222 (2x2x2 q mesh)')
     sub = parser.add_subparsers(dest='command', required=True)
     p = sub.add_parser('plan')
     p.add_argument('--markdown', action='store_true', help='a table of the labelled cells')
@@ -411,12 +352,13 @@ def main(argv=None) -> None:
     p.add_argument('--poll', type=float, default=20.0, help='seconds between checks')
     p.set_defaults(func=run)
     p = sub.add_parser('summary')
-    p.set_defaults(func=summary)
+    p.set_defaults(func=lambda args: __import__('hubbard_campaign_report').summary(sys.modules[__name__], args))
     p = sub.add_parser('merge')
     p.add_argument('out')
     p.set_defaults(func=merge)
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
+    use_campaign(args.protocol)
     from aiida import load_profile
 
     load_profile(args.profile)

@@ -21,6 +21,8 @@ from typing import Any
 
 __all__ = (
     'REFERENCE_PROTOCOL',
+    'REFERENCE_PROTOCOL_Q222',
+    'CAMPAIGN_PROTOCOLS',
     'LABEL_DEFINING_FIELDS',
     'protocol_fingerprint',
     'protocol_differences',
@@ -41,7 +43,7 @@ REFERENCE_PROTOCOL: dict[str, Any] = {
     'kpoints_distance': 0.9,
     'smearing': 'cold',
     'degauss_ry': 0.01,
-    # hp.x: q = Gamma only (a 1x1x1 q mesh = linear response in the primitive cell).
+    # hp.x: q = Gamma only (a 1x1x1 q mesh = linear response in the primitive cell; see REFERENCE_PROTOCOL_Q222).
     'hp_qpoints': [1, 1, 1],
     'conv_thr_per_atom_ry': 2.0e-10,
     'hubbard': {
@@ -51,6 +53,22 @@ REFERENCE_PROTOCOL: dict[str, Any] = {
     'tolerance_onsite_ev': 0.1,
     'tolerance_intersite_ev': 0.01,
 }
+
+#: The reference protocol with hp.x on a 2x2x2 q mesh (the linear response of a 2x2x2 supercell), for the next
+#: campaign. At q = Gamma hp.x returns V_ij summed over the images of j and U with the coupling to the site's own
+#: images: on cells with a short lattice vector that is not the local U / V. Measured at the campaign's starting
+#: point (benchmarks/hubbard_protocol.py, docs/hubbard.md "What hp.x at q = Gamma returns"): LiCoO2 (a = 2.82 A)
+#: U(Co) 5.52 -> 7.02 eV and V(Co-O) +1.25 on 2 couples -> +0.60 on all 6 equivalent couples; the 2x2x2 hp.x costs
+#: about 15x the Gamma-only one. One mesh for every cell (not a q distance) so that strains of one material never
+#: change it.
+REFERENCE_PROTOCOL_Q222: dict[str, Any] = {
+    **REFERENCE_PROTOCOL,
+    'name': 'eqml-hubbard-reference-v2-q222',
+    'hp_qpoints': [2, 2, 2],
+}
+
+#: The label campaigns by name (``benchmarks/hubbard_campaign.py --protocol``): each keeps its own labels.
+CAMPAIGN_PROTOCOLS: dict[str, dict[str, Any]] = {'gamma': REFERENCE_PROTOCOL, 'q222': REFERENCE_PROTOCOL_Q222}
 
 #: The fields whose change changes the labels; names of codes and the loop's tolerances do not.
 LABEL_DEFINING_FIELDS = (

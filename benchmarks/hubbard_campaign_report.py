@@ -1,0 +1,114 @@
+"""Reports of the Hubbard label campaign (``benchmarks/hubbard_campaign.py plan --markdown`` and ``summary``): the
+labelled cells as a Markdown table, and the label counts against the issue's targets as JSON. Read from the exported
+files of the campaign the ``hubbard_campaign`` module passed in works on (its ``--protocol``): passed, not
+imported, because run as a script that module is ``__main__``, and an import would make a second one."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+
+
+def markdown_table(campaign) -> None:
+    """The labelled cells as a Markdown table (docs/hubbard_campaign.md is pasted from this)."""
+    from aiida_eqml.ml.dataset import Dataset
+    from aiida_eqml.ml.hubbard.records import hubbard_label_issues
+
+    print('| cell | type | iterations | wall (s) | scf smearing / fixed / hp.x per iteration (s) | gap (eV) '
+          '| U (eV) per iteration | V (eV) | flagged |')
+    print('|---|---|---|---|---|---|---|---|---|')
+    for key, _name, _strain in campaign.plan():
+        if campaign.state(key) != 'done':
+            continue
+        meta = json.loads((campaign.DATA / f'{key}.json').read_text())
+        record = Dataset.load(campaign.DATA / f'{key}.npz')
+        samples = sorted(record.samples, key=lambda s: s.info['iteration'] or 0)
+        steps = {}
+        for step in meta['steps']:
+            kind = step['step'].split('_', 2)[-1].replace('_magnetic', '')
+            steps.setdefault(kind, []).append(step['wall_s'])
+        timing = ' / '.join(
+            f"{sum(v) / len(v):.0f}"
+            for k, v in sorted(steps.items(), key=lambda kv: ('smearing' not in kv[0], 'hp' in kv[0]))
+        )
+        u = ', '.join(f"{np.nanmax(s.node_targets['hubbard_u']):.2f}" for s in samples)
+        v = samples[-1].edge_targets.get('hubbard_v')
+        v_text = f"{float(np.mean(v.values)):.2f}" if v is not None and len(v.keys) else '-'
+        gap = min(samples[-1].info['band_gap_up_ev'], samples[-1].info['band_gap_down_ev'])
+        flagged = sum(bool(hubbard_label_issues(s.info)) for s in samples)
+        print(f"| {key} | {meta['structure_type']} {meta['order']} {meta['hubbard']} | {len(samples)} | "
+              f"{meta['wall_s']:.0f} | {timing} | {gap:.2f} | {u} | {v_text} | {flagged}/{len(samples)} |")
+
+
+
+#: The issue's targets for the campaign: materials with usable labels, U labels, symmetry-distinct V labels.
+TARGETS = {'materials': 8, 'u_labels': 120, 'v_distinct_labels': 30}
+
+
+def summary(campaign, args) -> None:
+    """Counts per cell and in total (all labels, and the usable ones: scf passing the quality filter), against
+    :data:`TARGETS`; writes the campaign's summary (``docs/benchmarks/hubbard_campaign.json`` for ``gamma``) with
+    the command line and the commit."""
+    from aiida_eqml.ml.dataset import Dataset
+    from aiida_eqml.ml.hubbard.evaluation import distinct_v_couples
+    from aiida_eqml.ml.hubbard.records import hubbard_label_issues
+
+    cells, materials = [], set()
+    totals = dict.fromkeys(('hp_runs', 'hp_runs_usable', 'u_labels', 'u_usable', 'v_labels', 'v_usable',
+                            'v_distinct_labels', 'v_distinct_usable', 'wall_s'), 0)
+    for key, name, strain in campaign.plan():
+        entry = {'key': key, 'material': name, 'strain': strain, 'state': campaign.state(key)}
+        if entry['state'] != 'todo':
+            meta = json.loads((campaign.DATA / f'{key}.json').read_text())
+            entry.update(wall_s=meta['wall_s'], exit_status=meta['exit_status'])
+            totals['wall_s'] += meta['wall_s'] or 0
+        if entry['state'] == 'done':
+            counts = dict.fromkeys(('n_samples', 'n_flagged', 'u', 'v', 'v_distinct'), 0)
+            for sample in Dataset.load(campaign.DATA / f'{key}.npz').samples:
+                usable = not hubbard_label_issues(sample.info)
+                u = sample.node_targets.get('hubbard_u')
+                n_u = int(np.isfinite(u).sum()) if u is not None else 0
+                v = sample.edge_targets.get('hubbard_v')
+                n_v = int(np.isfinite(v.values).sum()) if v is not None else 0
+                n_distinct = distinct_v_couples(sample)
+                counts['n_samples'] += 1
+                counts['n_flagged'] += not usable
+                counts['u'] += n_u
+                counts['v'] += n_v
+                counts['v_distinct'] += n_distinct
+                for field, value in (
+                    ('hp_runs', 1),
+                    ('u_labels', n_u),
+                    ('v_labels', n_v),
+                    ('v_distinct_labels', n_distinct),
+                ):
+                    totals[field] += value
+                    if usable:
+                        totals[field.replace('_labels', '_usable') if field != 'hp_runs' else 'hp_runs_usable'] += value
+                if usable and (n_u or n_v):
+                    materials.add(name)
+            entry.update(counts)
+        cells.append(entry)
+    totals['materials_usable'] = sorted(materials)
+    met = {'materials': len(materials) >= TARGETS['materials'], 'u_labels': totals['u_usable'] >= TARGETS['u_labels'],
+           'v_distinct_labels': totals['v_distinct_usable'] >= TARGETS['v_distinct_labels']}
+    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                            cwd=campaign.HERE).stdout.strip()
+    payload = {
+        'command': ' '.join(['python', 'benchmarks/hubbard_campaign.py', *args.argv]),
+        'commit': commit, 'protocol': campaign.protocol(), 'targets': TARGETS, 'targets_met': met,
+        'counting': 'usable = the perturbed scf passes hubbard_label_issues (converged, gapped in both spin channels); '
+                    'V symmetry-distinct: per hp.x run, couples in distinct (spglib orbit pair, bond length) classes '
+                    '(aiida_eqml.ml.hubbard.evaluation.distinct_v_couples)',
+        'totals': totals, 'cells': cells,
+    }
+    campaign.SUMMARY.write_text(json.dumps(payload, indent=1) + '\n')
+    print(
+        f"{len(cells)} cells: {sum(c['state'] == 'done' for c in cells)} done, "
+        f"{sum(c['state'] == 'failed' for c in cells)} failed; {totals['hp_runs']} hp.x runs "
+        f"({totals['hp_runs_usable']} usable); U {totals['u_usable']} usable of {totals['u_labels']}; "
+        f"V {totals['v_usable']} usable of {totals['v_labels']}, symmetry-distinct {totals['v_distinct_usable']} "
+        f"usable of {totals['v_distinct_labels']}; {len(materials)} materials with usable "
+        f"labels; targets met: {met} -> {campaign.SUMMARY}"
+    )
