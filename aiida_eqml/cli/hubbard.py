@@ -107,12 +107,20 @@ def format_iteration(record: dict) -> str:
 
 
 def _print_progress(node, printed: set) -> None:
-    """Print every finished iteration of a running loop not printed yet (from its prediction / hp.x steps)."""
+    """Print every finished step of a running loop not printed yet: each iteration's prediction (mean ± spread)
+    and, where the spread exceeded the loop's uncertainty threshold, that iteration's hp.x values, which are the ones
+    the loop goes on with (``printed`` holds ``(iteration, 'ml' | 'hp')``)."""
+    from aiida.common.links import LinkType
+
+    from aiida_eqml.workflows.hubbard.functions import parameter_table
+
+    threshold = node.inputs.uncertainty_threshold.value if 'uncertainty_threshold' in node.inputs else None
+    lines = []  # (iteration, 0 for the prediction / 1 for hp.x, text): printed in that order
     for link in node.base.links.get_outgoing(link_label_filter='iteration_%_prediction').all():
         iteration = int(link.link_label.split('_')[1])
-        if iteration in printed or not link.node.is_finished_ok:
+        if (iteration, 'ml') in printed or not link.node.is_finished_ok:
             continue
-        printed.add(iteration)
+        printed.add((iteration, 'ml'))
         spread = link.node.outputs.spread.get_dict()['parameters']
         values = ', '.join(
             f"{'U' if e['kind'] == 'U' else 'V'}{e['atom_index']}"
@@ -120,7 +128,21 @@ def _print_progress(node, printed: set) -> None:
             f" = {e['mean']:.3f} ± {e['std']:.3f}"
             for e in spread
         )
-        click.echo(f'iteration {iteration} [ml prediction]: {values}')
+        largest = max((e['std'] for e in spread), default=0.0)
+        fallback = threshold is not None and largest > threshold
+        note = f'; spread {largest:.3f} > {threshold} eV: hp.x runs instead' if fallback else ''
+        lines.append((iteration, 0, f'iteration {iteration} [ml prediction{note}]: {values}'))
+    hp_links = node.base.links.get_outgoing(link_type=LinkType.CALL_WORK, link_label_filter='iteration_%_hp').all()
+    for link in hp_links:
+        iteration = int(link.link_label.split('_')[1])
+        if (iteration, 'hp') in printed or not link.node.is_finished_ok or 'hubbard_structure' not in link.node.outputs:
+            continue
+        printed.add((iteration, 'hp'))
+        values = ', '.join(f"{row['label']} = {row['value']:.3f}"
+                           for row in parameter_table(link.node.outputs.hubbard_structure))
+        lines.append((iteration, 1, f'iteration {iteration} [hp.x, used]: {values}'))
+    for *_, text in sorted(lines):
+        click.echo(text)
 
 
 def print_summary(node) -> None:

@@ -10,6 +10,9 @@ The scenario is the product's own cycle, so the provenance is real end to end:
 """
 from __future__ import annotations
 
+import contextlib
+import io
+
 import numpy as np
 import pytest
 
@@ -125,6 +128,17 @@ def test_fallback_runs_hp_and_harvests_its_labels(fallback_run, untrained_models
     scf = hp.inputs.hp.parent_scf.creator
     harvest = results['new_labels'].creator
     assert harvest.inputs.iter01_scf_output_parameters.pk == scf.outputs.output_parameters.pk
+    # what `aiida-eqml hubbard run --submit` prints while it follows the loop: the prediction, marked as replaced,
+    # then the hp.x values the loop went on with
+    from aiida_eqml.cli.hubbard import _print_progress
+
+    printed = set()
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        _print_progress(node, printed)
+    lines = out.getvalue().splitlines()
+    assert printed == {(1, 'ml'), (1, 'hp')} and len(lines) == 2, lines
+    assert lines[0].startswith('iteration 1 [ml prediction; spread ') and 'hp.x runs instead' in lines[0]
+    assert lines[1].startswith('iteration 1 [hp.x, used]: U(') and f'= {hp_u[0]:.3f}' in lines[1]
 
 
 def test_ml_loop_converges_and_reaches_the_dft_labels(ml_run, trained_model, fallback_run):
@@ -139,6 +153,13 @@ def test_ml_loop_converges_and_reaches_the_dft_labels(ml_run, trained_model, fal
     assert {record['source'] for record in history} == {'ml'} and history[-1]['converged']
     assert 2 <= len(history) <= 4 and not any(r['converged'] for r in history[:-1])
     assert not node.base.links.get_outgoing(link_label_filter='iteration_%_hp').all()  # no hp.x inside the loop
+    from aiida_eqml.cli.hubbard import _print_progress
+
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        _print_progress(node, set())
+    lines = out.getvalue().splitlines()  # one prediction per iteration, none replaced
+    assert [line.split(' [')[0] for line in lines] == [f'iteration {r["iteration"]}' for r in history], lines
+    assert all('[ml prediction]:' in line for line in lines), lines
     # its labels were on Ni 3d and O 2p, the parameters the loop asks, so the element check let it run
     assert trained_model[0].read()[2]['hubbard']['u_species'] == ['Ni', 'O']
 
