@@ -17,6 +17,7 @@ Cells whose loop failed get a ``.json`` with the failure and no ``.npz``; ``--re
     python benchmarks/hubbard_campaign.py merge OUT.npz              # one record of every exported label
     python benchmarks/hubbard_campaign.py summary                    # label counts vs the targets -> JSON
     python benchmarks/hubbard_campaign.py --protocol q222 run --only LiCoO2_layered_s100   # the 2x2x2 q campaign
+    python benchmarks/hubbard_campaign.py compare                    # cells of both campaigns: Gamma vs 2x2x2 q
 
 Needs a profile made by ``aiida-eqml local setup`` and a running daemon (``verdi daemon start``).
 """
@@ -353,6 +354,8 @@ def main(argv=None) -> None:
     p.set_defaults(func=run)
     p = sub.add_parser('summary')
     p.set_defaults(func=lambda args: __import__('hubbard_campaign_report').summary(sys.modules[__name__], args))
+    p = sub.add_parser('compare', help='cells labelled by both campaigns: q = Gamma against 2x2x2')
+    p.set_defaults(func=lambda args: __import__('hubbard_campaign_report').compare(sys.modules[__name__], args))
     p = sub.add_parser('merge')
     p.add_argument('out')
     p.set_defaults(func=merge)

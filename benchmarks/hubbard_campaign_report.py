@@ -112,3 +112,69 @@ def summary(campaign, args) -> None:
         f"usable of {totals['v_distinct_labels']}; {len(materials)} materials with usable "
         f"labels; targets met: {met} -> {campaign.SUMMARY}"
     )
+
+
+def _first_and_last(record) -> tuple:
+    samples = sorted(record.samples, key=lambda s: s.info['iteration'] or 0)
+    return samples[0], samples[-1]
+
+
+def _u_mean(sample) -> float:
+    u = np.asarray(sample.node_targets['hubbard_u'], float)
+    return float(np.nanmean(u)) if np.isfinite(u).any() else float('nan')
+
+
+def _v_values(sample) -> list[float]:
+    target = sample.edge_targets.get('hubbard_v')
+    if target is None:
+        return []
+    values = np.asarray(target.values, float).reshape(len(target.keys), -1)[:, 0]
+    return [float(v) for v in values if np.isfinite(v)]
+
+
+def compare(campaign, args) -> None:
+    """Every cell labelled by both campaigns: hp.x at q = Gamma against the 2x2x2 q mesh. The first iteration is the
+    clean comparison (both scf ran with the same starting U / V, so only hp.x's q mesh differs); the last is what
+    each loop converged to. Writes ``docs/benchmarks/hubbard_campaign_q222_vs_gamma.json`` and prints a table."""
+    from aiida_eqml.ml.dataset import Dataset
+    from aiida_eqml.ml.hubbard.records import hubbard_label_issues
+
+    gamma, q222 = (campaign.CAMPAIGN_FILES[name][0] for name in ('gamma', 'q222'))
+    rows = []
+    for key, name, strain in campaign.plan():
+        if not ((gamma / f'{key}.npz').exists() and (q222 / f'{key}.npz').exists()):
+            continue
+        row = {'key': key, 'material': name, 'strain': strain}
+        for label, folder in (('gamma', gamma), ('q222', q222)):
+            first, last = _first_and_last(Dataset.load(folder / f'{key}.npz'))
+            row[label] = {
+                'iterations': int(last.info['iteration'] or 0),
+                'u_first': _u_mean(first), 'u_last': _u_mean(last),
+                'v_first': _v_values(first), 'v_last': _v_values(last),
+                'gap_last_ev': min(last.info['band_gap_up_ev'], last.info['band_gap_down_ev']),
+                'flagged': [s.info.get('name') for s in (first, last) if hubbard_label_issues(s.info)],
+            }
+        row['d_u_first'] = row['q222']['u_first'] - row['gamma']['u_first']
+        row['d_u_first_rel'] = row['d_u_first'] / row['gamma']['u_first']
+        row['d_u_last'] = row['q222']['u_last'] - row['gamma']['u_last']
+        rows.append(row)
+    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                            cwd=campaign.HERE).stdout.strip()
+    out = campaign.DOCS / 'hubbard_campaign_q222_vs_gamma.json'
+    payload = {'command': ' '.join(['python', 'benchmarks/hubbard_campaign.py', *args.argv]), 'commit': commit,
+               'what': 'per cell labelled at both protocols: mean U over Hubbard sites and the V values of the first '
+                       'iteration (same scf input) and of the last, at q = Gamma and on the 2x2x2 q mesh',
+               'cells': rows}
+    out.write_text(json.dumps(payload, indent=1) + '\n')
+    print('| cell | U first, Gamma -> 2x2x2 (eV) | change | U last, Gamma -> 2x2x2 | V first, Gamma -> 2x2x2 | '
+          'gap last (eV) |\n|---|---|---|---|---|---|')
+    for r in rows:
+        g, q = r['gamma'], r['q222']
+
+        def v_text(values):
+            return f'{min(values):+.2f}..{max(values):+.2f}' if values else '-'
+
+        print(f"| {r['key']} | {g['u_first']:.3f} -> {q['u_first']:.3f} | {r['d_u_first']:+.3f} "
+              f"({100 * r['d_u_first_rel']:+.0f} %) | {g['u_last']:.3f} -> {q['u_last']:.3f} | "
+              f"{v_text(g['v_first'])} -> {v_text(q['v_first'])} | {g['gap_last_ev']:.2f} / {q['gap_last_ev']:.2f} |")
+    print(f'{len(rows)} cells -> {out}')
