@@ -6,7 +6,7 @@ at the campaign's protocol (``--protocol``: ``gamma``, the shipped labels at
 ``aiida_eqml.ml.hubbard.protocol.REFERENCE_PROTOCOL``, hp.x at q = Gamma; ``q222``, the next campaign at
 ``REFERENCE_PROTOCOL_Q222``, hp.x on a 2x2x2 q mesh), submitted to the daemon, at most ``--jobs`` at a time (serial
 pw.x/hp.x: one core each). A finished cell is exported at once to ``benchmarks/data/hubbard_campaign/<key>.npz``
-(``hubbard_campaign_q222/`` for ``q222``; its labels, each sample's info naming material, structure type,
+(``hubbard_campaign_q222/`` for ``q222``, and so on; its labels, each sample's info naming material, structure type,
 iteration and protocol) and ``<key>.json`` (pks, exit status, wall times per step). Commit those files as they
 arrive: re-running skips every cell that has them, so the campaign continues on another day on a fresh machine.
 Cells whose loop failed get a ``.json`` with the failure and no ``.npz``; ``--retry-failed`` runs them again.
@@ -17,7 +17,7 @@ Cells whose loop failed get a ``.json`` with the failure and no ``.npz``; ``--re
     python benchmarks/hubbard_campaign.py merge OUT.npz              # one record of every exported label
     python benchmarks/hubbard_campaign.py summary                    # label counts vs the targets -> JSON
     python benchmarks/hubbard_campaign.py --protocol q222 run --only LiCoO2_layered_s100   # the 2x2x2 q campaign
-    python benchmarks/hubbard_campaign.py compare                    # cells of both campaigns: Gamma vs 2x2x2 q
+    python benchmarks/hubbard_campaign.py --protocol q222 compare    # cells of both campaigns: Gamma vs 2x2x2 q
 
 Needs a profile made by ``aiida-eqml local setup`` and a running daemon (``verdi daemon start``).
 """
@@ -33,10 +33,12 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 DOCS = HERE.parent / 'docs' / 'benchmarks'
 #: Each campaign (one label protocol, ``aiida_eqml.ml.hubbard.protocol.CAMPAIGN_PROTOCOLS``) keeps its exported
-#: cells and its summary apart: ``gamma`` is the shipped one (hp.x at q = Gamma), ``q222`` the next (2x2x2 q).
+#: cells and its summary apart: ``gamma`` is the shipped one (hp.x at q = Gamma), ``q222`` and ``q333`` on those q
+#: meshes (docs/hubbard.md, "The q mesh, measured").
 CAMPAIGN_FILES = {
     'gamma': (HERE / 'data' / 'hubbard_campaign', DOCS / 'hubbard_campaign.json'),
     'q222': (HERE / 'data' / 'hubbard_campaign_q222', DOCS / 'hubbard_campaign_q222.json'),
+    'q333': (HERE / 'data' / 'hubbard_campaign_q333', DOCS / 'hubbard_campaign_q333.json'),
 }
 #: The campaign this process works on (``use_campaign``; ``--protocol``): its name, exported cells and summary.
 CAMPAIGN = 'gamma'
@@ -338,7 +340,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--profile', default=None)
     parser.add_argument('--protocol', default='gamma', choices=sorted(CAMPAIGN_FILES),
-                        help='the campaign: gamma (hp.x at q = Gamma, the shipped labels) or q222 (2x2x2 q mesh)')
+                        help='the campaign: gamma (hp.x at q = Gamma, the shipped labels), q222 or q333 (q mesh)')
     sub = parser.add_subparsers(dest='command', required=True)
     p = sub.add_parser('plan')
     p.add_argument('--markdown', action='store_true', help='a table of the labelled cells')
@@ -354,7 +356,7 @@ def main(argv=None) -> None:
     p.set_defaults(func=run)
     p = sub.add_parser('summary')
     p.set_defaults(func=lambda args: __import__('hubbard_campaign_report').summary(sys.modules[__name__], args))
-    p = sub.add_parser('compare', help='cells labelled by both campaigns: q = Gamma against 2x2x2')
+    p = sub.add_parser('compare', help="cells labelled by this campaign and by gamma: q = Gamma against this q mesh")
     p.set_defaults(func=lambda args: __import__('hubbard_campaign_report').compare(sys.modules[__name__], args))
     p = sub.add_parser('merge')
     p.add_argument('out')

@@ -11,6 +11,7 @@ from aiida_eqml.ml.hubbard.protocol import (
     LABEL_DEFINING_FIELDS,
     REFERENCE_PROTOCOL,
     REFERENCE_PROTOCOL_Q222,
+    REFERENCE_PROTOCOL_Q333,
     protocol_differences,
     protocol_fingerprint,
     record_protocol,
@@ -34,7 +35,12 @@ def test_the_q222_protocol_differs_from_the_shipped_one_in_the_q_mesh_alone():
     ]
     assert protocol_fingerprint(REFERENCE_PROTOCOL) != protocol_fingerprint(REFERENCE_PROTOCOL_Q222)
     assert REFERENCE_PROTOCOL['name'] != REFERENCE_PROTOCOL_Q222['name']
-    assert CAMPAIGN_PROTOCOLS == {'gamma': REFERENCE_PROTOCOL, 'q222': REFERENCE_PROTOCOL_Q222}
+    assert CAMPAIGN_PROTOCOLS == {'gamma': REFERENCE_PROTOCOL, 'q222': REFERENCE_PROTOCOL_Q222,
+                                  'q333': REFERENCE_PROTOCOL_Q333}
+    assert protocol_differences(REFERENCE_PROTOCOL_Q222, REFERENCE_PROTOCOL_Q333) == [
+        'hp_qpoints: model [2, 2, 2], run [3, 3, 3]'
+    ]
+    assert len({protocol_fingerprint(p) for p in CAMPAIGN_PROTOCOLS.values()}) == 3
 
 
 def test_a_protocol_read_back_from_json_is_the_same_protocol():
