@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aiida_eqml.ml import predict
+from aiida_eqml.ml import predict, predictor
 from aiida_eqml.ml.dataset import Dataset
 from aiida_eqml.ml.hubbard.models import shape_record
 from aiida_eqml.ml.hubbard.reference import reference_member_files
@@ -24,7 +24,7 @@ RECORD = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "hubbard_
 @pytest.fixture()
 def fresh_compilation(monkeypatch):
     """No compiled function or cached Predictor from other tests: trace counts start at 0."""
-    monkeypatch.setattr(predict, "_COMPILED", {})
+    monkeypatch.setattr(predictor, "_COMPILED", {})  # the compiled functions live with the Predictor
     monkeypatch.setattr(predict, "_PREDICTORS", predict.collections.OrderedDict())
     monkeypatch.setattr(predict, "_WARMING", {})
 
