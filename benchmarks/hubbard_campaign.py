@@ -18,6 +18,7 @@ Cells whose loop failed get a ``.json`` with the failure and no ``.npz``; ``--re
     python benchmarks/hubbard_campaign.py summary                    # label counts vs the targets -> JSON
     python benchmarks/hubbard_campaign.py --protocol q222 run --only LiCoO2_layered_s100   # the 2x2x2 q campaign
     python benchmarks/hubbard_campaign.py --protocol q222 compare    # cells of both campaigns: Gamma vs 2x2x2 q
+    python benchmarks/hubbard_campaign.py --protocol q333 compare --against q222   # 2x2x2 vs 3x3x3
 
 Needs a profile made by ``aiida-eqml local setup`` and a running daemon (``verdi daemon start``).
 """
@@ -356,7 +357,9 @@ def main(argv=None) -> None:
     p.set_defaults(func=run)
     p = sub.add_parser('summary')
     p.set_defaults(func=lambda args: __import__('hubbard_campaign_report').summary(sys.modules[__name__], args))
-    p = sub.add_parser('compare', help="cells labelled by this campaign and by gamma: q = Gamma against this q mesh")
+    p = sub.add_parser('compare', help='cells labelled by this campaign and by another (--against, gamma unless '
+                                       'told): their q mesh against this one')
+    p.add_argument('--against', default='gamma', choices=sorted(CAMPAIGN_FILES))
     p.set_defaults(func=lambda args: __import__('hubbard_campaign_report').compare(sys.modules[__name__], args))
     p = sub.add_parser('merge')
     p.add_argument('out')

@@ -133,22 +133,25 @@ def _v_values(sample) -> list[float]:
 
 
 def compare(campaign, args) -> None:
-    """Every cell labelled by both the current campaign (``--protocol``, a q mesh) and ``gamma``: hp.x at q = Gamma
-    against that mesh. The first iteration is the clean comparison (both scf ran with the same starting U / V, so
-    only hp.x's q mesh differs); the last is what each loop converged to. Writes
-    ``docs/benchmarks/hubbard_campaign_<protocol>_vs_gamma.json`` and prints a table."""
+    """Every cell labelled by both the current campaign (``--protocol``, a q mesh) and the reference campaign
+    (``--against``, ``gamma`` unless told): hp.x on the reference's q mesh against this one. The first iteration is
+    the clean comparison (both scf ran with the same starting U / V, so only hp.x's q mesh differs); the last is what
+    each loop converged to. Writes ``docs/benchmarks/hubbard_campaign_<protocol>_vs_<against>.json`` and prints a
+    table."""
     from aiida_eqml.ml.dataset import Dataset
     from aiida_eqml.ml.hubbard.records import hubbard_label_issues
 
-    if campaign.CAMPAIGN == 'gamma':
-        raise SystemExit('compare: give the campaign to compare with gamma, e.g. --protocol q222 compare')
-    gamma, meshed = campaign.CAMPAIGN_FILES['gamma'][0], campaign.DATA
+    against = args.against
+    if campaign.CAMPAIGN == against:
+        raise SystemExit(f'compare: --protocol and --against are both {against}: give two campaigns, '
+                         'e.g. --protocol q333 compare --against q222')
+    reference, meshed = campaign.CAMPAIGN_FILES[against][0], campaign.DATA
     rows = []
     for key, name, strain in campaign.plan():
-        if not ((gamma / f'{key}.npz').exists() and (meshed / f'{key}.npz').exists()):
+        if not ((reference / f'{key}.npz').exists() and (meshed / f'{key}.npz').exists()):
             continue
         row = {'key': key, 'material': name, 'strain': strain}
-        for label, folder in (('gamma', gamma), ('mesh', meshed)):
+        for label, folder in (('reference', reference), ('mesh', meshed)):
             first, last = _first_and_last(Dataset.load(folder / f'{key}.npz'))
             row[label] = {
                 'iterations': int(last.info['iteration'] or 0),
@@ -157,25 +160,29 @@ def compare(campaign, args) -> None:
                 'gap_last_ev': min(last.info['band_gap_up_ev'], last.info['band_gap_down_ev']),
                 'flagged': [s.info.get('name') for s in (first, last) if hubbard_label_issues(s.info)],
             }
-        row['d_u_first'] = row['mesh']['u_first'] - row['gamma']['u_first']
-        row['d_u_first_rel'] = row['d_u_first'] / row['gamma']['u_first']
-        row['d_u_last'] = row['mesh']['u_last'] - row['gamma']['u_last']
+        row['d_u_first'] = row['mesh']['u_first'] - row['reference']['u_first']
+        row['d_u_first_rel'] = row['d_u_first'] / row['reference']['u_first']
+        row['d_u_last'] = row['mesh']['u_last'] - row['reference']['u_last']
         rows.append(row)
     commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
                             cwd=campaign.HERE).stdout.strip()
-    out = campaign.DOCS / f'hubbard_campaign_{campaign.CAMPAIGN}_vs_gamma.json'
+    out = campaign.DOCS / f'hubbard_campaign_{campaign.CAMPAIGN}_vs_{against}.json'
+    from aiida_eqml.ml.hubbard.protocol import CAMPAIGN_PROTOCOLS
+
+    reference_protocol = CAMPAIGN_PROTOCOLS[against]
+    mesh = 'x'.join(map(str, campaign.protocol()['hp_qpoints']))
+    reference_mesh = 'x'.join(map(str, reference_protocol['hp_qpoints']))
     payload = {'command': ' '.join(['python', 'benchmarks/hubbard_campaign.py', *args.argv]), 'commit': commit,
-               'protocol': campaign.protocol(),
+               'protocol': campaign.protocol(), 'reference_protocol': reference_protocol,
                'what': 'per cell labelled at both protocols: mean U over Hubbard sites and the V values of the first '
-                       'iteration (same scf input) and of the last, at q = Gamma (key gamma) and on the q mesh of '
-                       'protocol (key mesh)',
+                       f'iteration (same scf input) and of the last, on the q mesh of {against} (key reference, '
+                       f'{reference_mesh}) and on the q mesh of protocol (key mesh, {mesh})',
                'cells': rows}
     out.write_text(json.dumps(payload, indent=1) + '\n')
-    mesh = 'x'.join(map(str, campaign.protocol()['hp_qpoints']))
-    print(f'| cell | U first, Gamma -> {mesh} (eV) | change | U last, Gamma -> {mesh} | V first, Gamma -> {mesh} | '
-          'gap last (eV) |\n|---|---|---|---|---|---|')
+    print(f'| cell | U first, {reference_mesh} -> {mesh} (eV) | change | U last, {reference_mesh} -> {mesh} | '
+          f'V first, {reference_mesh} -> {mesh} | gap last (eV) |\n|---|---|---|---|---|---|')
     for r in rows:
-        g, q = r['gamma'], r['mesh']
+        g, q = r['reference'], r['mesh']
 
         def v_text(values):
             return f'{min(values):+.2f}..{max(values):+.2f}' if values else '-'
