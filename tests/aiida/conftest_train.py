@@ -214,17 +214,78 @@ def _stop_daemon(client, timeout: float = 180) -> None:
     _wait(lambda: not client.is_daemon_running, timeout, 'the daemon to stop')
 
 
+class BrokerService:
+    """The ZeroMQ broker service of a test profile, run beside its daemon (as aiida's own test fixtures do)."""
+
+    def __init__(self, broker):
+        self._broker = broker
+        self._process = None
+
+    def start(self, timeout: float = 180) -> None:
+        import subprocess
+
+        self._broker._service_dir.mkdir(parents=True, exist_ok=True)
+        self._process = subprocess.Popen(
+            [sys.executable, '-m', 'aiida.brokers.zeromq.service', '--service-dir', str(self._broker._service_dir)],
+            start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        _wait(self._broker.check_service_reachable, timeout, 'the ZeroMQ broker service')
+
+    def stop(self, timeout: float = 60) -> None:
+        import signal
+        import subprocess
+
+        if self._process is None:
+            return
+        self._process.send_signal(signal.SIGINT)
+        try:
+            self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+
+def restart_daemon(client, broker: BrokerService) -> None:
+    """Start the stopped daemon again the way ``verdi daemon start`` does for a user, whose broker the daemon
+    supervises: broker first, then the worker.
+
+    Why the broker too: aiida-core 2.9's ZeroMQ broker finds a dead worker by pinging it after a disconnect event,
+    and a worker whose socket is still routable at that moment keeps its tasks assigned; a new worker would then
+    never receive the process (a hang, seen once in CI). A restarted broker moves every unacknowledged task back
+    to pending from its persistent queue, which is the recovery a user's ``verdi daemon start`` performs.
+    """
+    broker.stop()
+    broker.start()
+    client.start_daemon(number_workers=1)
+
+
+def wait_after_restart(node, client, timeout: float, what: str) -> None:
+    """Wait until ``node`` terminates; on timeout, fail with the process state, the broker's queues and the
+    daemon log (what a hang needs to be diagnosed from a CI log)."""
+    try:
+        _wait(lambda: node.is_terminated, timeout, what)
+    except TimeoutError as exc:
+        from aiida.manage import get_manager
+
+        try:
+            status = get_manager().get_broker().probe_service_status()
+        except Exception as error:  # noqa: BLE001 - diagnostics only
+            status = repr(error)
+        raise TimeoutError(
+            f'{exc}; process state {node.process_state}, status {node.process_status!r}; broker {status}; '
+            f'daemon log tail:\n{daemon_log_tail(client)}'
+        ) from None
+
+
 @contextlib.contextmanager
 def daemon_profile(root: str, name: str):
     """A fresh SQLite profile with a ZeroMQ broker in ``root``, loaded, with the broker service and a one-worker
-    daemon running; yields ``(profile, daemon client)`` and stops both on exit.
+    daemon running; yields ``(profile, daemon client, broker service)`` and stops all on exit.
 
-    The broker runs beside the daemon for the whole scenario (as aiida's own test fixtures do): stopping the daemon
-    stops its workers only, and the broker's persistent queue hands the tasks to a restarted worker.
+    The broker runs beside the daemon (as aiida's own test fixtures do): stopping the daemon stops its workers
+    only; :func:`restart_daemon` restarts both, as a user's ``verdi daemon start`` does.
     """
-    import signal
-    import subprocess
-
     from aiida.engine.daemon.client import get_daemon_client
     from aiida.manage import get_manager
     from aiida.manage.configuration import create_profile, get_config, load_profile
@@ -238,27 +299,18 @@ def daemon_profile(root: str, name: str):
     config.store()
     load_profile(profile.name, allow_switch=True)
     ensure_entry_points()  # PYTHONPATH now carries them to the daemon workers started below
-    broker = get_manager().get_broker()
-    broker._service_dir.mkdir(parents=True, exist_ok=True)
-    broker_process = subprocess.Popen(
-        [sys.executable, '-m', 'aiida.brokers.zeromq.service', '--service-dir', str(broker._service_dir)],
-        start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    broker = BrokerService(get_manager().get_broker())
     client = get_daemon_client(profile.name)
     try:
-        _wait(broker.check_service_reachable, 180, 'the ZeroMQ broker service')
+        broker.start()
         client.start_daemon(number_workers=1)
-        yield profile, client
+        yield profile, client, broker
     finally:
         try:
             _stop_daemon(client)
         except Exception:  # noqa: BLE001 - already stopped, or not stoppable: the scenario's result says so
             pass
-        broker_process.send_signal(signal.SIGINT)
-        try:
-            broker_process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            broker_process.kill()
+        broker.stop()
 
 
 def daemon_log_tail(client, size: int = 4000) -> str:
@@ -270,7 +322,7 @@ def daemon_log_tail(client, size: int = 4000) -> str:
 
 
 def daemon_scenario(root: str, interrupt: bool, epochs: int) -> dict:
-    """Submit a training to a real daemon (ZeroMQ broker supervised by the daemon) and wait for it.
+    """Submit a training to a real daemon (ZeroMQ broker beside it) and wait for it.
 
     ``interrupt=False``: submit the ``eqml.train`` CalcJob and wait. ``interrupt=True``: submit the ``eqml.train``
     work chain, stop the daemon while the training job runs, wait until the job has ended on the computer, start the
@@ -280,7 +332,7 @@ def daemon_scenario(root: str, interrupt: bool, epochs: int) -> dict:
     from aiida.engine import submit
 
     result = {'events': []}
-    with daemon_profile(root, 'eqml-daemon-test') as (_, client):
+    with daemon_profile(root, 'eqml-daemon-test') as (_, client, broker):
         from aiida_eqml.calculations.train import EqmlTrainCalculation, get_or_create_python_code
         from aiida_eqml.data.dataset import EqmlDatasetData
         from aiida_eqml.workflows.train import EqmlTrainWorkChain
@@ -320,8 +372,8 @@ def daemon_scenario(root: str, interrupt: bool, epochs: int) -> dict:
             _wait(lambda: os.path.exists(marker), 600, 'the training job to end while the daemon is down')
             result['state_while_daemon_down'] = str(calc.process_state.value)
             result['events'].append('training process ended while the daemon was down; starting the daemon')
-            client.start_daemon(number_workers=1)
-            _wait(lambda: node.is_terminated, 600, 'the work chain to finish after the restart')
+            restart_daemon(client, broker)
+            wait_after_restart(node, client, 600, 'the work chain to finish after the restart')
             result['job_id_before'] = job_id
             result['job_id_after'] = calc.get_job_id()
             result['n_calcs'] = len([n for n in node.called if isinstance(n, orm.CalcJobNode)])

@@ -20,7 +20,7 @@ def predict_scenario(root: str) -> dict:
     from aiida.engine import submit
 
     result = {}
-    with daemon_profile(root, 'eqml-reliability') as (_, client):
+    with daemon_profile(root, 'eqml-reliability') as (_, client, _broker):
         from aiida_eqml.calculations.functions.predict import predict_tensors
         from aiida_eqml.data.model import EqmlModelData
 

@@ -1,6 +1,6 @@
 """The daemon is stopped while a training job runs and started again: the job is picked up and finishes.
 
-Runs in its own interpreter and AiiDA profile (ZeroMQ broker supervised by the daemon, see
+Runs in its own interpreter and AiiDA profile (ZeroMQ broker beside the daemon, restarted with it, see
 ``conftest_train.daemon_scenario``): the pytest session profile has no broker, and switching profiles inside the
 session would invalidate the nodes held by its session fixtures.
 """

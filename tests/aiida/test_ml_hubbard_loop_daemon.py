@@ -32,10 +32,10 @@ def scenario(root: str) -> dict:
     from aiida import orm
     from aiida.engine import submit
     from aiida_quantumespresso.common.types import SpinType
-    from conftest_train import _stop_daemon, _wait, daemon_log_tail, daemon_profile
+    from conftest_train import _stop_daemon, _wait, daemon_log_tail, daemon_profile, restart_daemon, wait_after_restart
 
     result = {'events': []}
-    with daemon_profile(root, 'eqml-loop-daemon-test') as (_, client):
+    with daemon_profile(root, 'eqml-loop-daemon-test') as (_, client, broker):
         from test_occupations import nio_structure, retrieved_folder
         from test_predict import hubbard_model_node
 
@@ -74,8 +74,8 @@ def scenario(root: str) -> dict:
         result['job_running_when_daemon_stopped'] = not job_done()
         _wait(job_done, 900, 'the pw.x job to end while the daemon is down')
         result['state_while_daemon_down'] = str(node.process_state.value)
-        client.start_daemon(number_workers=1)
-        _wait(lambda: node.is_terminated, 1200, 'the loop to finish after the restart')
+        restart_daemon(client, broker)
+        wait_after_restart(node, client, 1200, 'the loop to finish after the restart')
         result.update(
             finished_ok=node.is_finished_ok, exit_status=node.exit_status, exit_message=node.exit_message,
             job_id_before=job_id, job_id_after=calc.get_job_id(), calc_exit_status=calc.exit_status,
