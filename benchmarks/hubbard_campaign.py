@@ -10,9 +10,13 @@ pw.x/hp.x: one core each). A finished cell is exported at once to ``benchmarks/d
 iteration and protocol) and ``<key>.json`` (pks, exit status, wall times per step). Commit those files as they
 arrive: re-running skips every cell that has them, so the campaign continues on another day on a fresh machine.
 Cells whose loop failed get a ``.json`` with the failure and no ``.npz``; ``--retry-failed`` runs them again.
+A cell still running when the machine goes (the end of a working session) is lost: its pw.x/hp.x job dies, the
+restarted daemon finds its output missing (PwCalculation exit 305) and the loop fails, so ``--until HH:MM`` submits
+only the cells whose estimate (the longest finished cell of the same material) ends before then.
 
     python benchmarks/hubbard_campaign.py plan                       # the cells, in order, and their state
     python benchmarks/hubbard_campaign.py run --jobs 2 [--only K,..] # submit / wait / export until done
+    python benchmarks/hubbard_campaign.py run --until 10:00         # only cells expected to end by 10:00
     python benchmarks/hubbard_campaign.py export                     # export finished cells without submitting
     python benchmarks/hubbard_campaign.py merge OUT.npz              # one record of every exported label
     python benchmarks/hubbard_campaign.py summary                    # label counts vs the targets -> JSON
@@ -277,6 +281,11 @@ def run(args) -> None:
     while queue or in_flight:
         while queue and len(in_flight) < args.jobs:
             key, name, strain = queue.pop(0)
+            if args.until is not None and (estimate := estimated_wall(name)) > args.until - time.time():
+                # a cell cut off by the end of the session is lost (its running job dies with the machine)
+                print(f'{time.strftime("%H:%M:%S")} skipped {key}: estimated {estimate:.0f} s, '
+                      f'{args.until - time.time():.0f} s left before --until', flush=True)
+                continue
             node = find_node(key)
             if node is None or (node.is_terminated and not (node.is_finished_ok and 'dataset' in node.outputs)):
                 node = submit(build(name, strain, key, codes))
@@ -301,6 +310,31 @@ def run(args) -> None:
 
             get_manager().get_profile_storage().get_session().rollback()
         time.sleep(args.poll)
+
+
+def estimated_wall(name: str) -> float:
+    """A cell's expected wall time (s): the longest finished cell of the same material in this campaign, else the
+    longest finished cell of the campaign (strains of one material cost about the same; others, unknown)."""
+    walls = {}
+    for path in DATA.glob('*.json'):
+        meta = json.loads(path.read_text())
+        if meta.get('exit_status') == 0 and meta.get('wall_s'):
+            walls.setdefault(meta['material'], []).append(meta['wall_s'])
+    return max(walls[name]) if name in walls else max((w for ws in walls.values() for w in ws), default=0.0)
+
+
+def until_timestamp(text: str) -> float:
+    """``HH:MM`` (this machine's clock) as the next such moment, as a Unix time."""
+    import datetime
+
+    try:
+        hour, minute = (int(part) for part in text.split(':'))
+        moment = datetime.datetime.now().replace(hour=hour, minute=minute, second=0, microsecond=0)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f'--until {text!r}: expected HH:MM ({exc})') from None
+    if moment <= datetime.datetime.now():
+        moment += datetime.timedelta(days=1)
+    return moment.timestamp()
 
 
 def show_plan(args) -> None:
@@ -354,6 +388,8 @@ def main(argv=None) -> None:
     p.add_argument('--only', default='', help='comma-separated cell keys, run in this order')
     p.add_argument('--retry-failed', action='store_true')
     p.add_argument('--poll', type=float, default=20.0, help='seconds between checks')
+    p.add_argument('--until', type=until_timestamp, default=None, metavar='HH:MM',
+                   help='submit only cells expected to finish by then (e.g. the end of the session)')
     p.set_defaults(func=run)
     p = sub.add_parser('summary')
     p.set_defaults(func=lambda args: __import__('hubbard_campaign_report').summary(sys.modules[__name__], args))
