@@ -132,7 +132,8 @@ def dfpt_summary(node, wall: float | None = None):
             'source': f'run here: eqml.labels.hubbard pk {node.pk} (uuid {node.uuid})'}
 
 
-def run_ml(name: str, models, codes: dict, repeat=(1, 1, 1)):
+def run_ml(name: str, models, codes: dict, repeat=(1, 1, 1), anderson_depth: int = 0):
+    from aiida import orm
     from aiida.engine import run_get_node
     from aiida_quantumespresso.common.types import SpinType
 
@@ -145,6 +146,7 @@ def run_ml(name: str, models, codes: dict, repeat=(1, 1, 1)):
         if moments else {}
     builder = SelfConsistentMLHubbardWorkChain.get_builder_from_protocol(
         codes['pw'], hubbard_structure(material, repeat=repeat), models, protocol='balanced', **kwargs)
+    builder.anderson_depth = orm.Int(anderson_depth)
     start = time.time()
     _, node = run_get_node(builder)
     return ml_summary(name, node, time.time() - start)

@@ -193,11 +193,13 @@ def hubbard():
 @click.option('--validate', is_flag=True, help='One hp.x at the converged point: ML vs DFPT per parameter.')
 @click.option('--uncertainty-threshold', type=float, default=None, help='Spread (eV) above which hp.x runs instead.')
 @click.option('--max-iterations', type=int, default=None)
+@click.option('--anderson-depth', type=click.IntRange(min=0), default=0, show_default=True,
+              help='Anderson acceleration of the U/V iteration over this many past iterations (0: plain iteration).')
 @click.option('--submit/--run', 'submit', default=False, show_default=True,
               help='Submit to the daemon (and follow it) or run in this process.')
 @click.option('-p', '--profile', 'profile_name', default=None)
 def run(structure_file, models, protocol, hubbard_manifolds, magnetization, u_start, use_hp, validate,
-        uncertainty_threshold, max_iterations, submit, profile_name):
+        uncertainty_threshold, max_iterations, anderson_depth, submit, profile_name):
     """Run the ML self-consistent loop on STRUCTURE_FILE (any ASE-readable format) and print each iteration."""
     _load_profile(profile_name)
     from aiida import orm
@@ -234,6 +236,7 @@ def run(structure_file, models, protocol, hubbard_manifolds, magnetization, u_st
         builder.validate_with_dfpt = orm.Bool(validate)
         if uncertainty_threshold is not None:
             builder.uncertainty_threshold = orm.Float(uncertainty_threshold)
+    builder.anderson_depth = orm.Int(anderson_depth)
     builder.metadata.label = f'ML self-consistent Hubbard: {structure_file}'
     start = time.time()
     try:

@@ -110,6 +110,9 @@ class SelfConsistentMLHubbardWorkChain(ProtocolMixin, WorkChain):
                         'goes straight to the fixed-occupation scf after the first iteration (the smearing scf '
                         'runs again when that scf has no gap or after a relaxation).')
         spec.input('max_iterations', valid_type=orm.Int, default=lambda: orm.Int(10))
+        spec.input('anderson_depth', valid_type=orm.Int, default=lambda: orm.Int(0),
+                   help='Anderson acceleration of the U/V iteration over this many past iterations (0: plain '
+                        'iteration, as aiida-hubbard; same fixed point and convergence test, see hubbard.mixing).')
         spec.input('meta_convergence', valid_type=orm.Bool, default=lambda: orm.Bool(True),
                    help='Iterate to self-consistency; if False, stop after the first prediction.')
         spec.input('clean_workdir', valid_type=orm.Bool, default=lambda: orm.Bool(True),
@@ -197,6 +200,7 @@ class SelfConsistentMLHubbardWorkChain(ProtocolMixin, WorkChain):
             ctx.current = expand_intersites(ctx.current, self.inputs.radial_analysis,
                                             metadata={'call_link_label': 'expand_intersites'})
         ctx.records, ctx.hp_labels = [], []
+        ctx.iterates = []  # (input, output) structures of the map since the last relaxation (Anderson mixing)
         parameters = self.inputs.scf.pw.parameters.get_dict()
         ctx.is_magnetic = parameters.get('SYSTEM', {}).get('nspin', 1) == 2
         ctx.magnetic_moments = parameters['SYSTEM'].get('starting_magnetization') if ctx.is_magnetic else None
@@ -352,10 +356,10 @@ class SelfConsistentMLHubbardWorkChain(ProtocolMixin, WorkChain):
         record.update(steps.iteration_record(self, changes))
         checked = self.inputs.meta_convergence.value and self.ctx.iteration > self.ctx.skip_relax_iterations
         record['converged'] = bool(converged and checked)
+        self.ctx.current, record['next_input'] = steps.next_input(self, record['converged'])
         record = json_safe(record)  # strict JSON for the history node (an unknown gap is NaN in the diagnostics)
         self.ctx.records.append(record)
         self.report(steps.iteration_line(record))
-        self.ctx.current = self.ctx.predicted
         if not self.inputs.meta_convergence.value:
             self.ctx.is_converged = True  # one prediction only, as aiida-hubbard without meta convergence
             return

@@ -250,6 +250,32 @@ def iteration_record(wc, changes: dict) -> dict:
     }
 
 
+def next_input(wc, converged: bool):
+    """The structure the next iteration's scf uses and how it was made (``'output'`` or ``'anderson'``): the
+    prediction (plain iteration, and always once converged) or its Anderson extrapolation over the iterations since
+    the last relaxation that have the same parameters (:mod:`aiida_eqml.workflows.hubbard.mixing`)."""
+    from aiida_eqml.workflows.hubbard.mixing import anderson_mixed
+
+    ctx = wc.ctx
+    depth = wc.inputs.anderson_depth.value
+    keys = [parameter_key(p) for p in ctx.predicted.hubbard.parameters]
+    same = [parameter_key(p) for p in ctx.current.hubbard.parameters] == keys
+    if ctx.relaxed or not same:  # another map (new geometry) or another parameter set: start the history again
+        ctx.iterates = []
+    if same:
+        ctx.iterates = [*ctx.iterates, (ctx.current, ctx.predicted)][-(depth + 1):]
+    last = ctx.iteration >= wc.inputs.max_iterations.value  # the output is then this prediction, as without mixing
+    if converged or last or depth < 1 or len(ctx.iterates) < 2:
+        return ctx.predicted, 'output'
+    iterates = {}
+    for n, (structure_in, structure_out) in enumerate(ctx.iterates):
+        iterates[f'input_{n:02d}'], iterates[f'output_{n:02d}'] = structure_in, structure_out
+    mixed = anderson_mixed(orm.Int(depth), **iterates,
+                           metadata={'call_link_label': f'anderson_iteration_{ctx.iteration:02d}'})
+    wc.report(f'iteration {ctx.iteration}: next input by Anderson mixing over {len(ctx.iterates)} iterations')
+    return mixed, 'anderson'
+
+
 def iteration_line(record: dict) -> str:
     values = ', '.join(
         f"{row['label']} = {row['value']:.3f}" + (f" ± {row['std']:.3f}" if row.get('std') is not None else '')
