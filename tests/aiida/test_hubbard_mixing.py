@@ -72,6 +72,7 @@ def test_anderson_mixed_builds_the_next_structure_with_provenance(aiida_profile)
     values = sorted(float(p.value) for p in mixed.hubbard.parameters)
     # U: secant of (5 -> 6, 6 -> 6.5) = 7; V (0.5 -> 0.7, 0.7 -> 0.8) = 0.9, one least-squares gamma for both
     assert values[-1] > 6.5 and values[0] > 0.8
+    assert set(np.round(values, 9)) == {0.9, 7.0}  # both residual series halve: gamma = -1 fits them exactly
     assert mixed.creator.process_label == 'anderson_mixed'
     assert {link.link_label for link in mixed.creator.base.links.get_incoming().all()} >= set(iterates)
     assert len(mixed.hubbard.parameters) == len(iterates['output_01'].hubbard.parameters)

@@ -44,9 +44,14 @@ def is_onsite(key: tuple) -> bool:
     return key[0] == key[1] and key[2] == (0, 0, 0) and key[3] == key[4]
 
 
+def parameter_values(parameters) -> dict[tuple, float]:
+    """``{parameter_key: value}`` of a list of Hubbard parameters (``hubbard_structure.hubbard.parameters``)."""
+    return {parameter_key(p): float(p.value) for p in parameters}
+
+
 def parameter_changes(old_parameters, new_parameters) -> dict[tuple, float | None]:
     """``{key: |new - old|}`` for every parameter of ``new``; None where ``old`` has no such parameter."""
-    old = {parameter_key(p): float(p.value) for p in old_parameters}
+    old = parameter_values(old_parameters)
     return {parameter_key(p): (abs(float(p.value) - old[parameter_key(p)]) if parameter_key(p) in old else None)
             for p in new_parameters}
 

@@ -20,7 +20,7 @@ import numpy as np
 from aiida import orm
 from aiida.engine import calcfunction
 
-from aiida_eqml.workflows.hubbard.domain import is_onsite, parameter_key
+from aiida_eqml.workflows.hubbard.domain import is_onsite, parameter_key, parameter_values
 
 __all__ = ('anderson_next', 'anderson_mixed', 'MAX_STEP_EV', 'MAX_STEP_RESIDUALS')
 
@@ -59,11 +59,10 @@ def anderson_next(inputs: Sequence[Sequence[float]], outputs: Sequence[Sequence[
     return result
 
 
-def parameter_vector(hubbard_structure, keys: Sequence[tuple]) -> list[float] | None:
-    """The values of ``keys`` in a HubbardStructureData, in that order; None if one is missing."""
-    values = {parameter_key(p): float(p.value) for p in hubbard_structure.hubbard.parameters}
-    if any(key not in values for key in keys):
-        return None
+def parameter_vector(hubbard_structure, keys: Sequence[tuple]) -> list[float]:
+    """The values of ``keys`` in a HubbardStructureData, in that order (the caller passes iterates that all have
+    these parameters: ``steps.next_input`` restarts the history when the set changes)."""
+    values = parameter_values(hubbard_structure.hubbard.parameters)
     return [values[key] for key in keys]
 
 

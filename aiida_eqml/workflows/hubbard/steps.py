@@ -13,7 +13,7 @@ from aiida_quantumespresso.utils.hubbard import HubbardUtils, is_intersite_hubba
 from aiida_quantumespresso.workflows.pw.base import PwBaseWorkChain
 from aiida_quantumespresso.workflows.pw.relax import PwRelaxWorkChain
 
-from aiida_eqml.workflows.hubbard.domain import is_onsite, manifold_l, parameter_key
+from aiida_eqml.workflows.hubbard.domain import is_onsite, manifold_l, parameter_key, parameter_values
 from aiida_eqml.workflows.hubbard.fft_grid import with_symmetric_fft_grid
 from aiida_eqml.workflows.labels.hubbard import OCCUP_TXT
 
@@ -219,7 +219,7 @@ def iteration_record(wc, changes: dict) -> dict:
         spread[(entry['atom_index'], entry['neighbour_index'], tuple(entry['translation']), *entry['manifolds'])] = (
             entry
         )
-    inputs = {parameter_key(p): float(p.value) for p in ctx.current.hubbard.parameters}
+    inputs = parameter_values(ctx.current.hubbard.parameters)
     rows = []
     for row, parameter in zip(parameter_table(ctx.predicted), ctx.predicted.hubbard.parameters):
         key = parameter_key(parameter)
