@@ -27,6 +27,7 @@ from .host import (
     _read_pid,
     _terminate,
     _wait,
+    _which,
     port_in_use,
 )
 
@@ -84,7 +85,12 @@ class PostgresService:
         self.credentials_file = self.root / 'credentials.json'
 
     def _as_postgres(self, command, **kwargs):
-        return subprocess.run(['runuser', '-u', self.user, '--', *command], capture_output=True, text=True, **kwargs)
+        # runuser lives in /usr/sbin, which a login PATH need not hold: found as every other system tool is
+        runuser = _which('runuser')
+        if runuser is None:
+            raise ProductionError('`runuser` (util-linux) was not found on the PATH nor in /usr/sbin, /sbin: it runs '
+                                  f'PostgreSQL as the `{self.user}` user')
+        return subprocess.run([runuser, '-u', self.user, '--', *command], capture_output=True, text=True, **kwargs)
 
     def is_running(self) -> bool:
         bindir = _postgres_bindir()
