@@ -74,3 +74,41 @@ def test_anatase_is_the_experimental_crystal():
         shell = np.sort(neighbour_distances(atoms, ti, cutoff=2.5))
         np.testing.assert_allclose(shell, sorted([equatorial] * 4 + [apical] * 2), atol=1e-6)
     assert equatorial == pytest.approx(1.934, abs=1e-3) and apical == pytest.approx(1.980, abs=1e-3)
+
+
+@pytest.mark.parametrize('name, metal, a, c', [('NiTiO3-ilmenite-fm', 'Ni', 5.0302, 13.7903),
+                                               ('MnTiO3-ilmenite-fm', 'Mn', 5.1380, 14.2830)])
+def test_ilmenite_is_the_rhombohedral_primitive_cell(name, metal, a, c):
+    """Ilmenite MTiO3: space group R-3, two formula units in a third of the hexagonal cell's volume (a^2 c sqrt3/2),
+    metals first, each M and Ti octahedral (six O within 2.3 A, none of another metal closer than 2.8 A), a starting
+    moment on M only (Ti4+ is d0)."""
+    import ase
+    import spglib
+
+    from aiida_eqml.local.hubbard_materials import MATERIALS
+
+    material = MATERIALS[name]
+    cell, sites = material.sites()
+    symbols = [s for s, _, _ in sites]
+    assert symbols == [metal, metal, 'Ti', 'Ti'] + ['O'] * 6
+    assert abs(np.linalg.det(cell)) == pytest.approx(a * a * c * np.sqrt(3) / 2 / 3)
+    atoms = ase.Atoms(symbols, positions=[p for *_, p in sites], cell=cell, pbc=True)
+    assert spglib.get_spacegroup((atoms.cell[:], atoms.get_scaled_positions(), atoms.numbers)) == 'R-3 (148)'
+    for index in range(4):
+        shell = neighbour_distances(atoms, index, cutoff=2.8)
+        assert len(shell) == 6 and shell.max() < 2.3, (index, shell)
+    assert material.magnetization() == {metal: 0.8, 'Ti': 0.0, 'O': 0.0}
+
+
+@pytest.mark.parametrize('name, a', [('BaTiO3-perovskite', 4.00), ('CaTiO3-perovskite', 3.83),
+                                     ('SrTiO3-perovskite', 3.905)])
+def test_titanate_perovskites_have_ti_o_at_half_the_lattice_parameter(name, a):
+    import ase
+
+    from aiida_eqml.local.hubbard_materials import MATERIALS
+
+    cell, sites = MATERIALS[name].sites()
+    atoms = ase.Atoms([s for s, _, _ in sites], positions=[p for *_, p in sites], cell=cell, pbc=True)
+    assert atoms.get_chemical_symbols()[0] == 'Ti'
+    np.testing.assert_allclose(neighbour_distances(atoms, 0, cutoff=0.6 * a), [a / 2] * 6, atol=1e-9)
+    assert MATERIALS[name].magnetization() is None
