@@ -72,7 +72,8 @@ def build_structure(path: str, hubbard: tuple[str, ...], u_start: float, with_v:
     try:
         atoms = ase.io.read(path)
     except Exception as exception:
-        raise click.BadParameter(f'{path}: cannot be read by ASE ({exception})', param_hint='STRUCTURE_FILE') from None
+        reason = str(exception) or type(exception).__name__  # ASE's CIF reader raises a bare AssertionError
+        raise click.BadParameter(f'{path}: cannot be read by ASE ({reason})', param_hint='STRUCTURE_FILE') from None
     structure = HubbardStructureData.from_structure(orm.StructureData(ase=atoms))
     sites = structure.sites
     kinds = {kind.name: kind.symbol for kind in structure.kinds}
@@ -187,12 +188,13 @@ def hubbard():
               help="aiida-hubbard's protocol names: the convergence tolerances.")
 @click.option('--hubbard', 'hubbard_manifolds', multiple=True, help='"KIND MANIFOLD" that gets U, e.g. "Ni 3d".')
 @click.option('--magnetization', default=None, help='Starting moments (Bohr magneton) per kind: Ni1=2,Ni2=-2.')
-@click.option('--u-start', type=float, default=5.0, show_default=True, help='Starting U (eV).')
+@click.option('--u-start', type=click.FloatRange(min=0.0), default=5.0, show_default=True, help='Starting U (eV).')
 @click.option('--hp/--no-hp', 'use_hp', default=True, show_default=True,
               help='hp.x for the uncertainty fallback and --validate (needs the hp.x code).')
 @click.option('--validate', is_flag=True, help='One hp.x at the converged point: ML vs DFPT per parameter.')
-@click.option('--uncertainty-threshold', type=float, default=None, help='Spread (eV) above which hp.x runs instead.')
-@click.option('--max-iterations', type=int, default=None)
+@click.option('--uncertainty-threshold', type=click.FloatRange(min=0.0), default=None,
+              help='Spread (eV) above which hp.x runs instead (0: hp.x in every iteration).')
+@click.option('--max-iterations', type=click.IntRange(min=1), default=None)
 @click.option('--anderson-depth', type=click.IntRange(min=0), default=0, show_default=True,
               help='Anderson acceleration of the U/V iteration over this many past iterations (0: plain iteration).')
 @click.option('--submit/--run', 'submit', default=False, show_default=True,

@@ -46,39 +46,15 @@ from aiida_quantumespresso.workflows.pw.relax import PwRelaxWorkChain
 from aiida_eqml.data.model import EqmlModelData, json_safe
 from aiida_eqml.workflows.hubbard import builder as _builder
 from aiida_eqml.workflows.hubbard import steps
-from aiida_eqml.workflows.hubbard.domain import (
-    ModelDomainError,
-    check_model_domain,
-    is_onsite,
-    parameter_changes,
-    run_protocol,
+from aiida_eqml.workflows.hubbard.domain import is_onsite, parameter_changes
+from aiida_eqml.workflows.hubbard.inputs import (
+    at_least_one,
+    non_negative,
+    validate_hubbard_structure,
+    validate_inputs,
 )
 
 __all__ = ('SelfConsistentMLHubbardWorkChain',)
-
-
-def validate_inputs(inputs, _):
-    """Refuse, before anything is stored or run, what the models cannot predict and options that cannot work."""
-    models = dict(inputs.get('models') or {})
-    structure = inputs.get('hubbard_structure')
-    scf = inputs.get('scf') or {}
-    if not models or structure is None or 'pw' not in scf:
-        return None  # the port checks report the missing input
-    parameters = scf['pw']['parameters'].get_dict()
-    nspin = parameters.get('SYSTEM', {}).get('nspin', 1)
-    if nspin == 2 and 'starting_magnetization' not in parameters.get('SYSTEM', {}):
-        return 'Missing `starting_magnetization` input in `scf.pw.parameters` while `nspin == 2`.'
-    if nspin not in (1, 2):
-        return f'nspin=`{nspin}` is not implemented in the `hp.x` code (needed for the fallback and for the labels).'
-    distance = scf.get('kpoints_distance')
-    protocol = run_protocol(parameters, distance.value if distance is not None else None,
-                            structure.hubbard.projectors)
-    try:
-        check_model_domain(models, structure, protocol)
-    except ModelDomainError as exception:
-        return f'`models`: {exception}'
-    if 'hubbard' not in inputs and ('uncertainty_threshold' in inputs or inputs.get('validate_with_dfpt', False)):
-        return '`uncertainty_threshold` and `validate_with_dfpt` need hp.x: give the `hubbard` (HpWorkChain) inputs'
 
 
 class SelfConsistentMLHubbardWorkChain(ProtocolMixin, WorkChain):
@@ -87,21 +63,21 @@ class SelfConsistentMLHubbardWorkChain(ProtocolMixin, WorkChain):
     @classmethod
     def define(cls, spec):
         super().define(spec)
-        spec.input('hubbard_structure', valid_type=HubbardStructureData,
+        spec.input('hubbard_structure', valid_type=HubbardStructureData, validator=validate_hubbard_structure,
                    help='The structure with its Hubbard manifolds initialized (starting U/V).')
         spec.input_namespace('models', valid_type=EqmlModelData, dynamic=True,
                              help='One `eqml.model` or the members of an ensemble (mean and spread per parameter).')
-        spec.input('tolerance_onsite', valid_type=orm.Float, default=lambda: orm.Float(0.1),
+        spec.input('tolerance_onsite', valid_type=orm.Float, default=lambda: orm.Float(0.1), validator=non_negative,
                    help='Convergence tolerance on U (eV).')
-        spec.input('tolerance_intersite', valid_type=orm.Float, default=lambda: orm.Float(0.01),
+        spec.input('tolerance_intersite', valid_type=orm.Float, default=lambda: orm.Float(0.01), validator=non_negative,
                    help='Convergence tolerance on V (eV).')
-        spec.input('uncertainty_threshold', valid_type=orm.Float, required=False,
+        spec.input('uncertainty_threshold', valid_type=orm.Float, required=False, validator=non_negative,
                    help='Ensemble spread (eV) above which an iteration runs hp.x instead of trusting the models.')
         spec.input('validate_with_dfpt', valid_type=orm.Bool, default=lambda: orm.Bool(False),
                    help='Run one hp.x at the converged point and output the ML vs DFPT comparison.')
-        spec.input('skip_relax_iterations', valid_type=orm.Int, required=False,
+        spec.input('skip_relax_iterations', valid_type=orm.Int, required=False, validator=non_negative,
                    help='Iterations without relaxation and without convergence check at the start.')
-        spec.input('relax_frequency', valid_type=orm.Int, required=False,
+        spec.input('relax_frequency', valid_type=orm.Int, required=False, validator=at_least_one,
                    help='Relax every this many iterations.')
         spec.input('radial_analysis', valid_type=orm.Dict, required=False,
                    help='As in aiida-hubbard: a neighbour analysis that sets the V shell radius of hp.x (U+V).')
@@ -109,8 +85,8 @@ class SelfConsistentMLHubbardWorkChain(ProtocolMixin, WorkChain):
                    help='Run the smearing scf in every iteration, as aiida-hubbard does. By default an insulator '
                         'goes straight to the fixed-occupation scf after the first iteration (the smearing scf '
                         'runs again when that scf has no gap or after a relaxation).')
-        spec.input('max_iterations', valid_type=orm.Int, default=lambda: orm.Int(10))
-        spec.input('anderson_depth', valid_type=orm.Int, default=lambda: orm.Int(0),
+        spec.input('max_iterations', valid_type=orm.Int, default=lambda: orm.Int(10), validator=at_least_one)
+        spec.input('anderson_depth', valid_type=orm.Int, default=lambda: orm.Int(0), validator=non_negative,
                    help='Anderson acceleration of the U/V iteration over this many past iterations (0: plain '
                         'iteration, as aiida-hubbard; same fixed point and convergence test, see hubbard.mixing).')
         spec.input('meta_convergence', valid_type=orm.Bool, default=lambda: orm.Bool(True),
