@@ -85,13 +85,15 @@ def predict(model, structures, output, input_format, batch_size, no_progress):
     try:
         predictor = load_predictor(model, batch_size=batch_size)
     except (ModelFileError, FileNotFoundError, ValueError) as exception:
-        raise click.ClickException(f'{model}: {exception}') from exception
+        message = str(exception)  # the model file errors name the file already
+        raise click.ClickException(message if str(model) in message else f'{model}: {message}') from exception
     frames = []
     for path in structures:
         try:
             frames.extend(ase.io.read(path, index=':', format=input_format))
         except Exception as exception:  # ASE raises many types for unreadable files
-            raise click.ClickException(f'{path}: not a structure file ASE can read ({exception})') from exception
+            reason = str(exception) or type(exception).__name__  # ASE's CIF reader raises a bare AssertionError
+            raise click.ClickException(f'{path}: not a structure file ASE can read ({reason})') from exception
     calculator = EqmlCalculator(predictor)
     written = []
     try:

@@ -95,3 +95,16 @@ def test_command_line_errors_are_clear(trained, tmp_path):
     assert result.exit_code == 1
     assert "element(s) ['Ba'] not in the model's species ['O', 'Ti']" in result.output
     assert not (tmp_path / "o.extxyz").exists()
+
+    # A file that is not a model: named once, with the reason; a structure file ASE cannot read: named, with the reason
+    (tmp_path / "junk.eqml").write_bytes(b"PK\x03\x04junk")
+    result = runner.invoke(cli, ["predict", str(tmp_path / "junk.eqml"), str(tmp_path / "bao.extxyz"),
+                                 "-o", str(tmp_path / "o2.extxyz"), "--no-progress"])
+    assert result.exit_code == 1
+    assert result.output.count(str(tmp_path / "junk.eqml")) == 1 and "bad magic header" in result.output
+    (tmp_path / "bad.cif").write_text("garbage\n")
+    result = runner.invoke(cli, ["predict", str(trained / "run" / "model.eqml"), str(tmp_path / "bad.cif"),
+                                 "-o", str(tmp_path / "o3.extxyz"), "--no-progress"])
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'bad.cif'}: not a structure file ASE can read (AssertionError)" in result.output, result.output
+    assert not (tmp_path / "o2.extxyz").exists() and not (tmp_path / "o3.extxyz").exists()
