@@ -240,7 +240,7 @@ def scf_diagnostics(parameters: dict, output: dict, bands: orm.BandsData) -> dic
     """Scalars of the pw.x scf that hp.x perturbed, for ``Sample.info`` (what
     :func:`aiida_eqml.ml.hubbard.records.hubbard_label_issues` judges a label by): cutoff, occupations,
     convergence, magnetization, electrons and band gap per spin channel (eV; 0 for a metallic channel)."""
-    from aiida_eqml.ml.hubbard.records import spin_channel_gaps
+    from aiida_eqml.ml.hubbard.quality import spin_channel_gaps
 
     system = parameters.get('SYSTEM', {})
     smearing = system.get('occupations') == 'smearing'

@@ -23,7 +23,7 @@ from typing import Any
 import ase.data
 import numpy as np
 
-from .records import hubbard_label_issues
+from .quality import hubbard_label_issues
 
 __all__ = [
     "material_of",
