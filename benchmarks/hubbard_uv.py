@@ -26,9 +26,10 @@ What ``evaluate`` does (functions in ``aiida_eqml.ml.hubbard.evaluation``):
   previous iteration (U_in / V_in: the U / V of the perturbed scf, the paper's baseline) and a per-element straight
   line in the trace of the on-site occupation matrix.
 * **summary**: MAREs pooled over every held-out label (each label is held out exactly once), model (mean over
-  seeds) and best baseline, over the held-out materials inside the model's domain: a material with a species (or
-  TM-O pair) that no training material labels is refused by the ML loop before it runs, so it is scored and listed
-  (``unseen_groups``, ``summary.out_of_domain_materials``) but pooled only in ``summary_including_out_of_domain``.
+  seeds) and best baseline, over the held-out materials inside the model's domain: a material with an element that
+  no training material holds, or a U element / TM-O pair that no training material labels, is refused by the ML loop
+  before it runs, so it is scored and listed (``unseen_species``, ``unseen_groups``,
+  ``summary.out_of_domain_materials``) but pooled only in ``summary_including_out_of_domain``.
 * **learning curve** (``--learning-curve``): error on each held-out material against the number of training
   materials (random subsets of the others, first seed, the candidate selected for that material); draws outside
   the held-out material's domain are skipped and counted.
@@ -331,7 +332,7 @@ def pooled_summary(entries, held_out_rows, n_seeds) -> dict:
 
 def evaluate_material(trainer, split, flags, candidates, seeds, args) -> tuple[dict, list[dict]]:
     """Selection, final training over seeds, scores and baselines for one held-out material."""
-    from aiida_eqml.ml.hubbard.evaluation import label_table, validation_split
+    from aiida_eqml.ml.hubbard.evaluation import label_table, unseen_species, validation_split
 
     record = trainer.record
     material = split["material"]
@@ -384,7 +385,8 @@ def evaluate_material(trainer, split, flags, candidates, seeds, args) -> tuple[d
     entry = {"material": material, "n_test": len(split["test"]),
              "n_test_u": committee_score["U"]["n"], "n_test_v": committee_score["V"]["n"],
              "n_train_samples": len(split["train"]),
-             "unseen_groups": sorted({r["group"] for r in test_rows} - train_elements)}
+             "unseen_groups": sorted({r["group"] for r in test_rows} - train_elements),
+             "unseen_species": unseen_species(record, split["train"], split["test"])}
     for kind, low in (("U", "u"), ("V", "v")):
         for metric in ("mae", "mare"):
             mean, std = _stats([s[kind][metric] for s in per_seed])
@@ -403,7 +405,7 @@ def learning_curve(trainer, splits, flags, chosen, sizes, args) -> list[dict]:
     """Per number k of training materials: model and baseline MARE on each held-out material, training on k others
     drawn at random (seeded), first seed, the candidate selected for that material in the main evaluation. A draw
     that lacks a species (or pair) of the held-out material is skipped and counted: the loop would refuse it."""
-    from aiida_eqml.ml.hubbard.evaluation import label_table, material_of, pooled_errors
+    from aiida_eqml.ml.hubbard.evaluation import label_table, material_of, pooled_errors, unseen_species
 
     record = trainer.record
     points = []
@@ -418,7 +420,8 @@ def learning_curve(trainer, splits, flags, chosen, sizes, args) -> list[dict]:
             picked = {others[j] for j in rng.permutation(len(others))[:k]}
             train = [i for i in split["train"] if material_of(record.samples[i]) in picked]
             train_rows, test_rows = label_table(record, train, flags), label_table(record, split["test"], flags)
-            if {r["group"] for r in test_rows} - {r["group"] for r in train_rows}:
+            if ({r["group"] for r in test_rows} - {r["group"] for r in train_rows}
+                    or unseen_species(record, train, split["test"])):
                 skipped += 1  # a species or pair the draw lacks: outside the model's domain (the loop refuses it)
                 continue
             result = trainer.fit(train, chosen[split["material"]], args.seed)
@@ -549,10 +552,12 @@ def run_evaluation(args) -> dict:
 
     # The loop refuses a material with a species (or pair) absent from the model's training labels, so such a held-out
     # material is outside the model's domain: scored and listed, but the summary pools the materials in its domain.
-    in_domain = [e for e in entries if not e["unseen_groups"]]
+    # (An element without labels counts too, e.g. the Sr of SrTiO3: since the eleventh session; before, only the U / V
+    # elements were checked, and SrTiO3 was pooled although the loop would refuse its models.)
+    in_domain = [e for e in entries if not e["unseen_groups"] and not e["unseen_species"]]
     domain_names = {e["material"] for e in in_domain}
     summary = pooled_summary(in_domain, [r for r in held_out_rows if r["material"] in domain_names], len(seeds))
-    summary["out_of_domain_materials"] = sorted(e["material"] for e in entries if e["unseen_groups"])
+    summary["out_of_domain_materials"] = sorted(e["material"] for e in entries if e["material"] not in domain_names)
     summary_all = pooled_summary(entries, held_out_rows, len(seeds))
     for e in entries:
         e.pop("per_seed_scores")

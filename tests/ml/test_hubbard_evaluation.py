@@ -212,3 +212,22 @@ def test_symmetry_distinct_v_couples_of_real_hp_runs():
     assert len(mno2.edge_targets["hubbard_v"].keys) == 8 and distinct_v_couples(mno2) == 4
     nio = Dataset.load(data / "NiO_rocksalt_afm2_s100.npz").samples[0]  # U only
     assert distinct_v_couples(nio) == 0
+
+
+def test_unseen_species_counts_elements_without_labels():
+    """The loop refuses a structure with an element its models never saw, labelled or not: a held-out SrTiO3-like
+    material whose A cation no training material has is outside the domain although its Ti U is known."""
+    from aiida_eqml.ml.hubbard.evaluation import material_splits, unseen_species
+
+    record = synthetic_record()
+    splits = {s["material"]: s for s in material_splits(record, {})}
+    assert all(unseen_species(record, s["train"], s["test"]) == ["Co"] for m, s in splits.items() if m.startswith("Co"))
+    assert unseen_species(record, splits["NiO-rocksalt-fm"]["train"], splits["NiO-rocksalt-fm"]["test"]) == ["Ni"]
+    # a spectator element (no Hubbard label) only in the held-out material: unseen; in a training material: seen
+    import dataclasses
+
+    test = dataclasses.replace(record.samples[0], numbers=np.array([28, 38]))  # Ni (labelled) + Sr (spectator)
+    extended = Dataset([*record.samples, test], HUBBARD_TARGET_SPECS, validate=False)
+    held_out = [len(record)]
+    assert unseen_species(extended, range(len(record)), held_out) == ["Sr"]
+    assert unseen_species(extended, [*range(len(record)), len(record)], held_out) == []
