@@ -62,7 +62,7 @@ ORDER = (
     'NiO-rocksalt-afm2', 'LiCoO2-layered', 'MnO-rocksalt-afm2', 'SrTiO3-perovskite', 'NiO2-layered',
     'CoO-rocksalt-afm2', 'TiO2-rutile', 'FeO-rocksalt-afm2', 'MnO2-rutile-afm', 'LiNiO2-layered', 'CoO2-layered',
     'NiO-rocksalt-fm', 'MnO-rocksalt-fm', 'Li2NiCoO4-layered', 'Sr3Ti2O7-ruddlesden-popper', 'TiO2-anatase',
-    'BaTiO3-perovskite', 'CaTiO3-perovskite', 'NiTiO3-ilmenite-fm', 'MnTiO3-ilmenite-fm',
+    'BaTiO3-perovskite', 'CaTiO3-perovskite', 'NiTiO3-ilmenite-fm', 'MnTiO3-ilmenite-fm', 'Sr2TiO4-ruddlesden-popper',
 )
 
 

@@ -177,6 +177,23 @@ def _ruddlesden_popper_n2(metal: str, a_site: str, a: float, c: float, z_a: floa
     return sites
 
 
+def _ruddlesden_popper_n1(metal: str, a_site: str, a: float, c: float, z_a: float, z_apical: float):
+    """A2MO4, the n = 1 Ruddlesden-Popper (K2NiF4) phase (I4/mmm): the 7-atom body-centred primitive cell, from the
+    conventional cell's Wyckoff positions (M 2a, O 4c + 4e, A 4e) of one of its two lattice points."""
+    cell = 0.5 * np.array([[-a, a, c], [a, -a, c], [a, a, -c]])
+    cartesian = [(metal, metal, (0.0, 0.0, 0.0))]
+    cartesian += [('O', 'O', (x, y, 0.0)) for x, y in ((0.0, a / 2), (a / 2, 0.0))]  # 4c: equatorial
+    cartesian += [('O', 'O', (0.0, 0.0, s * z_apical * c)) for s in (1, -1)]  # 4e: apical
+    cartesian += [(a_site, a_site, (0.0, 0.0, s * z_a * c)) for s in (1, -1)]
+
+    def sites():
+        inverse = np.linalg.inv(cell)
+        wrapped = [(s, k, np.dot(np.mod(np.dot(np.asarray(r), inverse), 1.0), cell)) for s, k, r in cartesian]
+        return cell, [(s, k, tuple(float(x) for x in r)) for s, k, r in wrapped]
+
+    return sites
+
+
 def _ilmenite(metal: str, a: float, c: float, z_metal: float, z_ti: float, oxygen: tuple[float, float, float]):
     """MTiO3 ilmenite (R-3): the 10-atom rhombohedral primitive cell, from the hexagonal cell's Wyckoff positions
     (M and Ti on 6c at (0, 0, z), O on 18f), built by ASE's space-group expansion; metals first, one kind each
@@ -275,6 +292,12 @@ def _materials() -> dict[str, HubbardMaterial]:
         HubbardMaterial('BaTiO3-perovskite', 'perovskite', 'Ti', 'nm', 'U+V', _perovskite('Ti', 'Ba', 4.00)),
         HubbardMaterial('CaTiO3-perovskite', 'perovskite', 'Ti', 'nm', 'U+V', _perovskite('Ti', 'Ca', 3.83),
                         'cubic prototype at the pseudocubic volume of Pbnm CaTiO3'),
+        # Ruddlesden-Popper n = 1, U+V (eleventh session): the single-layer titanate, so that a held-out SrTiO3 or
+        # Sr3Ti2O7 is not the only Sr compound (the loop refuses an element its models never saw, even one without a
+        # label); 7 atoms, the cheaper relative of Sr3Ti2O7. Structure rounded (a = 3.884, c = 12.60 A; Sr z = 0.3553,
+        # apical O z = 0.1565: Ti-O 1.942 A equatorial, 1.972 A apical).
+        HubbardMaterial('Sr2TiO4-ruddlesden-popper', 'ruddlesden-popper-n1', 'Ti', 'nm', 'U+V',
+                        _ruddlesden_popper_n1('Ti', 'Sr', 3.884, 12.60, 0.3553, 0.1565), '7 atoms, I4/mmm'),
         # Ilmenite, U+V (eleventh session): a structure type with two different TM sites, Ni2+ (d8) or Mn2+ (d5) and
         # Ti4+ (d0), face-sharing MO6/TiO6 octahedra; FM order of the M layers (the ground state is AFM between
         # layers; FM keeps the 10-atom cell and is insulating for d8 and high-spin d5). Structures rounded from

@@ -112,3 +112,22 @@ def test_titanate_perovskites_have_ti_o_at_half_the_lattice_parameter(name, a):
     assert atoms.get_chemical_symbols()[0] == 'Ti'
     np.testing.assert_allclose(neighbour_distances(atoms, 0, cutoff=0.6 * a), [a / 2] * 6, atol=1e-9)
     assert MATERIALS[name].magnetization() is None
+
+
+def test_sr2tio4_is_the_k2nif4_primitive_cell():
+    """Sr2TiO4 (I4/mmm): 7 atoms in half the conventional cell (a^2 c / 2), Ti first with four equatorial O at a/2
+    and two apical O at z c, the distances from the Wyckoff positions (not from the builder)."""
+    import ase
+    import spglib
+
+    from aiida_eqml.local.hubbard_materials import MATERIALS
+
+    a, c, z_apical = 3.884, 12.60, 0.1565
+    cell, sites = MATERIALS['Sr2TiO4-ruddlesden-popper'].sites()
+    symbols = [s for s, _, _ in sites]
+    assert symbols == ['Ti', 'O', 'O', 'O', 'O', 'Sr', 'Sr']
+    assert abs(np.linalg.det(cell)) == pytest.approx(a * a * c / 2)
+    atoms = ase.Atoms(symbols, positions=[p for *_, p in sites], cell=cell, pbc=True)
+    assert spglib.get_spacegroup((atoms.cell[:], atoms.get_scaled_positions(), atoms.numbers)) == 'I4/mmm (139)'
+    shell = np.sort(neighbour_distances(atoms, 0, cutoff=2.3))
+    np.testing.assert_allclose(shell, sorted([a / 2] * 4 + [z_apical * c] * 2), atol=1e-9)
