@@ -200,17 +200,18 @@ def step_times(node) -> list[dict]:
 
 
 def recover(key: str, node):
-    """The labels of a cell whose labels work chain failed after its self-consistent loop finished (e.g. in its
-    harvest): harvested here from the loop, so the DFT work is not repeated. None if the loop itself failed."""
+    """``(labels, complete)`` of a cell whose labels work chain failed: harvested here from its self-consistent loop,
+    so the DFT work is not repeated. A loop that finished (or stopped at max_iterations, 601) gives every iteration
+    (``complete``); one that failed or died (an scf that would not converge, a job lost with the machine at the end
+    of a session) gives the hp.x iterations that finished before (each is one label, as good as in a whole cycle;
+    since the eleventh session). ``(None, False)`` if no hp.x iteration finished."""
     from aiida_eqml.workflows.labels.hubbard import HubbardLabelsWorkChain, harvest_loops
 
     loops = [child for child in node.called if child.process_label == 'SelfConsistentHubbardWorkChain']
-    if not loops:
-        return None
+    if not loops or not HubbardLabelsWorkChain.finished_hp_iterations(loops[-1]):
+        return None, False
     loop = loops[-1]
-    if not (loop.is_finished_ok or loop.exit_status == 601) or not HubbardLabelsWorkChain.finished_hp_iterations(loop):
-        return None
-    return harvest_loops({key: loop})
+    return harvest_loops({key: loop}), loop.is_finished_ok or loop.exit_status == 601
 
 
 def export(key: str, name: str, strain: float, node) -> str:
@@ -228,7 +229,11 @@ def export(key: str, name: str, strain: float, node) -> str:
         'protocol': P, 'protocol_fingerprint': protocol_fingerprint(P),
     }
     DATA.mkdir(parents=True, exist_ok=True)
-    dataset = node.outputs.dataset if node.is_finished_ok and 'dataset' in node.outputs else recover(key, node)
+    if node.is_finished_ok and 'dataset' in node.outputs:
+        dataset = node.outputs.dataset
+    else:
+        dataset, complete = recover(key, node)
+        meta['partial'] = dataset is not None and not complete  # the loop died: its finished hp.x iterations only
     if dataset is not None:
         from aiida import orm
 
@@ -354,7 +359,8 @@ def show_plan(args) -> None:
 def export_finished(args) -> None:
     for key, name, strain in plan():
         node = find_node(key)
-        if node is not None and node.is_terminated and (state(key) == 'todo' or args.refresh):
+        if node is not None and node.is_terminated and (state(key) == 'todo' or args.refresh
+                                                        or (args.failed and state(key) == 'failed')):
             print(key, export(key, name, strain, node))
 
 
@@ -383,6 +389,8 @@ def main(argv=None) -> None:
     p.set_defaults(func=show_plan)
     p = sub.add_parser('export')
     p.add_argument('--refresh', action='store_true', help='export again the cells of this profile already exported')
+    p.add_argument('--failed', action='store_true',
+                   help="export again the cells recorded as failed: the hp.x iterations their loops finished")
     p.set_defaults(func=export_finished)
     p = sub.add_parser('run')
     p.add_argument('--jobs', type=int, default=2, help='cells in flight at once (one core each)')
