@@ -208,9 +208,9 @@ def recover(key: str, node):
     from aiida_eqml.workflows.labels.hubbard import HubbardLabelsWorkChain, harvest_loops
 
     loops = [child for child in node.called if child.process_label == 'SelfConsistentHubbardWorkChain']
-    if not loops or not HubbardLabelsWorkChain.finished_hp_iterations(loops[-1]):
+    loop = loops[-1] if loops else None
+    if loop is None or not HubbardLabelsWorkChain.finished_hp_iterations(loop):
         return None, False
-    loop = loops[-1]
     return harvest_loops({key: loop}), loop.is_finished_ok or loop.exit_status == 601
 
 

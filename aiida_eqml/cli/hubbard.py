@@ -12,6 +12,7 @@ import time
 
 import click
 
+from . import exception_text
 from .local import _load_profile
 
 TRANSITION_METALS_3D = ('Sc', 'Ti', 'V', 'Cr', 'Mn', 'Fe', 'Co', 'Ni', 'Cu', 'Zn')
@@ -72,8 +73,8 @@ def build_structure(path: str, hubbard: tuple[str, ...], u_start: float, with_v:
     try:
         atoms = ase.io.read(path)
     except Exception as exception:
-        reason = str(exception) or type(exception).__name__  # ASE's CIF reader raises a bare AssertionError
-        raise click.BadParameter(f'{path}: cannot be read by ASE ({reason})', param_hint='STRUCTURE_FILE') from None
+        raise click.BadParameter(f'{path}: cannot be read by ASE ({exception_text(exception)})',
+                                 param_hint='STRUCTURE_FILE') from None
     structure = HubbardStructureData.from_structure(orm.StructureData(ase=atoms))
     sites = structure.sites
     kinds = {kind.name: kind.symbol for kind in structure.kinds}

@@ -9,6 +9,8 @@ import sys
 
 import click
 
+from . import exception_text
+
 
 @click.command('train')
 @click.argument('dataset', type=click.Path(dir_okay=False))
@@ -92,8 +94,9 @@ def predict(model, structures, output, input_format, batch_size, no_progress):
         try:
             frames.extend(ase.io.read(path, index=':', format=input_format))
         except Exception as exception:  # ASE raises many types for unreadable files
-            reason = str(exception) or type(exception).__name__  # ASE's CIF reader raises a bare AssertionError
-            raise click.ClickException(f'{path}: not a structure file ASE can read ({reason})') from exception
+            raise click.ClickException(
+                f'{path}: not a structure file ASE can read ({exception_text(exception)})'
+            ) from exception
     calculator = EqmlCalculator(predictor)
     written = []
     try:

@@ -65,6 +65,18 @@ def _fractional(cell, sites):
     return cell, [(symbol, kind, tuple(float(x) for x in np.dot(frac, cell))) for symbol, kind, frac in sites]
 
 
+def _wrapped(cell, cartesian):
+    """The ``sites`` callable of Cartesian ``(symbol, kind, position)`` sites folded into ``cell`` (fractional
+    coordinates in [0, 1)), in the order given."""
+
+    def sites():
+        inverse = np.linalg.inv(cell)
+        wrapped = [(s, k, np.dot(np.mod(np.dot(np.asarray(r), inverse), 1.0), cell)) for s, k, r in cartesian]
+        return cell, [(s, k, tuple(float(x) for x in r)) for s, k, r in wrapped]
+
+    return sites
+
+
 def _rocksalt_afm2(metal: str, a: float):
     """AFM-II rock salt: rhombohedral 4-atom cell, TM spins alternating on (111) planes."""
     cell = a * np.array([[0.5, 0.5, 1.0], [0.5, 1.0, 0.5], [1.0, 0.5, 0.5]])
@@ -92,13 +104,7 @@ def _layered_r3m(metal: str, a: float, c: float, z: float, lithiated: bool, pare
     if lithiated:
         cartesian.append(('Li', 'Li', np.array([0, 0, c / 2])))
 
-    def sites():
-        inverse = np.linalg.inv(cell)
-        return cell, [
-            (s, k, tuple(float(x) for x in (np.dot(np.mod(np.dot(r, inverse), 1.0), cell)))) for s, k, r in cartesian
-        ]
-
-    return sites
+    return _wrapped(cell, cartesian)
 
 
 def _layered_r3m_mixed(first: str, second: str, a: float, c: float, z: float):
@@ -150,12 +156,7 @@ def _anatase(metal: str, a: float, c: float, u: float):
     cartesian += [('O', 'O', (0.0, 0.0, s * u * c)) for s in (1, -1)]
     cartesian += [('O', 'O', (0.0, a / 2, c / 4 + s * u * c)) for s in (1, -1)]
 
-    def sites():
-        inverse = np.linalg.inv(cell)
-        wrapped = [(s, k, np.dot(np.mod(np.dot(np.asarray(r), inverse), 1.0), cell)) for s, k, r in cartesian]
-        return cell, [(s, k, tuple(float(x) for x in r)) for s, k, r in wrapped]
-
-    return sites
+    return _wrapped(cell, cartesian)
 
 
 def _ruddlesden_popper_n2(metal: str, a_site: str, a: float, c: float, z_a: float, z_m: float, z_apical: float,
@@ -169,12 +170,7 @@ def _ruddlesden_popper_n2(metal: str, a_site: str, a: float, c: float, z_a: floa
     cartesian += [('O', 'O', (x, y, s * z_equatorial * c)) for s in (1, -1) for x, y in ((0.0, a / 2), (a / 2, 0.0))]
     cartesian += [(a_site, a_site, (0.0, 0.0, c / 2))] + [(a_site, a_site, (0.0, 0.0, s * z_a * c)) for s in (1, -1)]
 
-    def sites():
-        inverse = np.linalg.inv(cell)
-        wrapped = [(s, k, np.dot(np.mod(np.dot(np.asarray(r), inverse), 1.0), cell)) for s, k, r in cartesian]
-        return cell, [(s, k, tuple(float(x) for x in r)) for s, k, r in wrapped]
-
-    return sites
+    return _wrapped(cell, cartesian)
 
 
 def _ruddlesden_popper_n1(metal: str, a_site: str, a: float, c: float, z_a: float, z_apical: float):
@@ -186,12 +182,7 @@ def _ruddlesden_popper_n1(metal: str, a_site: str, a: float, c: float, z_a: floa
     cartesian += [('O', 'O', (0.0, 0.0, s * z_apical * c)) for s in (1, -1)]  # 4e: apical
     cartesian += [(a_site, a_site, (0.0, 0.0, s * z_a * c)) for s in (1, -1)]
 
-    def sites():
-        inverse = np.linalg.inv(cell)
-        wrapped = [(s, k, np.dot(np.mod(np.dot(np.asarray(r), inverse), 1.0), cell)) for s, k, r in cartesian]
-        return cell, [(s, k, tuple(float(x) for x in r)) for s, k, r in wrapped]
-
-    return sites
+    return _wrapped(cell, cartesian)
 
 
 def _ilmenite(metal: str, a: float, c: float, z_metal: float, z_ti: float, oxygen: tuple[float, float, float]):

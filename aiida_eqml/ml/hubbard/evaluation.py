@@ -154,8 +154,6 @@ def unseen_species(record, train: Iterable[int], test: Iterable[int]) -> list[st
     """Elements of the ``test`` samples' structures that no ``train`` sample holds, labelled or not (e.g. Sr of a
     held-out SrTiO3 when no other material has Sr): the ML loop refuses a structure with an element its models never
     saw, so a held-out material with one is outside the models' domain even when its U and V elements are known."""
-    import ase.data
-
     seen = {int(z) for i in train for z in record.samples[i].numbers}
     wanted = {int(z) for i in test for z in record.samples[i].numbers}
     return sorted(ase.data.chemical_symbols[z] for z in wanted - seen)
