@@ -84,6 +84,19 @@ def dfpt_from_campaign(key: str):
             'source': f'campaign cell {key} (workchain uuid {meta["workchain_uuid"]})'}
 
 
+def _manifest_training_materials(member: pathlib.Path) -> set:
+    """``training_materials`` of the ``ensemble.json`` beside a member file that it lists; empty when none does."""
+    from aiida_eqml.ml.ensemble import ENSEMBLE_MANIFEST
+
+    manifest = member.resolve().parent / ENSEMBLE_MANIFEST
+    if not manifest.is_file():
+        return set()
+    content = json.loads(manifest.read_text())
+    if member.name not in {entry.get('file') for entry in content.get('members') or []}:
+        return set()
+    return set((content.get('metadata') or {}).get('training_materials') or [])
+
+
 def parse_material(spec: str) -> tuple[str, tuple[int, int, int]]:
     """``NAME`` or ``NAME@2x1x1`` (a supercell of the material) -> (name, repeat)."""
     name, _, repeat = spec.partition('@')
@@ -257,6 +270,10 @@ def main(argv=None) -> None:
     for identifier in args.model or ('hubbard-tmo',):
         if identifier in REFERENCE_MODELS:
             trained_on |= set(reference_metadata(identifier).get('training_materials') or [])
+        elif os.path.isfile(identifier):
+            # a member file of an ensemble directory (hubbard_reference_model.py --out): its manifest names the
+            # training materials, which the member file itself does not
+            trained_on |= _manifest_training_materials(pathlib.Path(identifier))
     for model in models:
         trained_on |= set(model.read()[2].get('training_materials') or [])
         trained_on |= set((model.base.extras.get('eqml_reference', {}) or {}).get('training_materials') or [])
