@@ -44,13 +44,14 @@ DEFAULT_OUT = ROOT / "aiida_eqml" / "ml" / "hubbard" / "reference" / "hubbard-tm
 
 
 def training_config(args, size: str, epochs: int, n_samples: int, residual: bool = False,
-                    v_sum_images: bool = False) -> dict:
+                    v_sum_images: bool = False, spin_order: bool = False) -> dict:
     """The config every member trains with (seed set per member); ``model`` is partial: ``prepare_hubbard_training``
     (train_cli) adds species, descriptor irreps and the U / V heads the record has labels for."""
+    options = {k: True for k, on in (("residual", residual), ("v_sum_images", v_sum_images),
+                                     ("spin_order", spin_order)) if on}
     return {
         "model": {"cutoff": args.cutoff, **SIZES[size]},
-        **({"hubbard": {k: True for k, on in (("residual", residual), ("v_sum_images", v_sum_images)) if on}}
-           if residual or v_sum_images else {}),
+        **({"hubbard": options} if options else {}),
         "epochs": int(epochs),
         "batch_size": min(args.batch_size, n_samples),
         "split": {
@@ -90,12 +91,14 @@ def selected_hyperparameters(evaluation: dict | None, args) -> tuple[str, int, b
     return args.size or "small", args.epochs or 600, bool(residual), "default"
 
 
-def v_readout(evaluation: dict | None, args) -> bool:
-    """Whether V is summed over periodic images: the command line, else what the evaluation's validation splits
-    selected most often, else no (the readout of the models before the option)."""
-    if args.v_sum_images is not None:
-        return args.v_sum_images == "yes"
-    votes = collections.Counter(bool(e["selection"]["chosen"].get("v_sum_images", False))
+def selected_option(evaluation: dict | None, args, key: str) -> bool:
+    """A yes/no candidate option (``v_sum_images``: V summed over periodic images; ``spin_order``: the local magnetic
+    order in the site descriptor): the command line, else what the evaluation's validation splits selected most
+    often, else no (what the models before the option did)."""
+    given = getattr(args, key)
+    if given is not None:
+        return given == "yes"
+    votes = collections.Counter(bool(e["selection"]["chosen"].get(key, False))
                                 for e in (evaluation or {}).get("leave_one_material_out", []))
     return bool(votes and votes.most_common(1)[0][0])
 
@@ -261,6 +264,8 @@ def main(argv=None) -> None:
                         help="learn U - U_scf (default: what the evaluation selected)")
     parser.add_argument("--v-sum-images", choices=("yes", "no"), default=None,
                         help="V summed over each couple's periodic images (default: what the evaluation selected)")
+    parser.add_argument("--spin-order", choices=("yes", "no"), default=None,
+                        help="the local magnetic order in the site descriptor (default: what the evaluation selected)")
     parser.add_argument("--hold-out", nargs="+", default=[], metavar="MATERIAL",
                         help="materials left out of training (kept for benchmarks/ml_vs_dfpt.py: held-out materials)")
     parser.add_argument("--cutoff", type=float, default=4.0)
@@ -319,14 +324,15 @@ def main(argv=None) -> None:
     materials = sorted({material_of(record.samples[i]) for i in usable})
     evaluation = json.loads(args.evaluation.read_text()) if args.evaluation else None
     size, epochs, residual, source = selected_hyperparameters(evaluation, args)
-    v_sum_images = v_readout(evaluation, args)
+    v_sum_images = selected_option(evaluation, args, "v_sum_images")
+    spin_order = selected_option(evaluation, args, "spin_order")
     seeds = [args.seed + k for k in range(args.members)]
-    config = training_config(args, size, epochs, len(train_record), residual, v_sum_images)
+    config = training_config(args, size, epochs, len(train_record), residual, v_sum_images, spin_order)
     print(
         f"{len(record)} labels from {len(files)} files, {len(flags)} flagged; training on {len(usable)} "
         f"({sum(r['kind'] == 'U' for r in rows)} U, {sum(r['kind'] == 'V' for r in rows)} V) of {len(materials)} "
         f"materials; {args.members} x {size}/{epochs} epochs, residual {residual} ({source}), V summed over images "
-        f"{v_sum_images}; held out {args.hold_out}",
+        f"{v_sum_images}, spin order {spin_order}; held out {args.hold_out}",
         flush=True,
     )
 
@@ -395,6 +401,7 @@ def main(argv=None) -> None:
         "epochs": epochs,
         "residual": residual,
         "v_sum_images": v_sum_images,
+        "spin_order": spin_order,
         "hyperparameters_from": source,
         "training_config": config,
         "trained_with": trained_with,

@@ -16,8 +16,9 @@ What ``evaluate`` does (functions in ``aiida_eqml.ml.hubbard.evaluation``):
   flagged in the output, and are neither trained on nor scored.
 * **leave one material out**: a material is composition + structure type + magnetic order (``info['material']``,
   e.g. ``NiO-rocksalt-afm2``); each is held out in turn with all its strains and iterations.
-* **model selection** only inside the training materials: candidates (``--residual`` x ``--sizes`` x ``--epochs``;
-  residual: learn U - U_scf and V - V_scf, the change hp.x makes to the scf's parameters) are trained with
+* **model selection** only inside the training materials: candidates (``--residual`` x ``--v-sum-images`` x
+  ``--spin-order`` x ``--sizes`` x ``--epochs``; residual: learn U - U_scf and V - V_scf, the change hp.x makes to
+  the scf's parameters; spin order: the site descriptor carries the local magnetic order) are trained with
   the first seed on the training materials less a validation split *of materials* (one material, or a strain cell
   when only one training material exists) and the candidate with the lowest validation MARE (mean of U and V) is
   retrained on all training materials with every seed (``--seeds``) and scored on the held-out material.
@@ -208,7 +209,9 @@ class Trainer:
         self.record = record
         self.args = args
         self.manifold_ls, self.pair_ls = record_manifolds(record)
-        self.descriptors, self.attrs = hubbard_training_dataset(record, self.manifold_ls, self.pair_ls)
+        # one descriptor set per --spin-order choice (the site descriptor with or without the local magnetic order)
+        self._descriptors = {order: hubbard_training_dataset(record, self.manifold_ls, self.pair_ls, spin_order=order)
+                             for order in sorted(set(getattr(args, "spin_order", [False])))}
         self.species = [ase.data.chemical_symbols[z] for z in record.atomic_numbers]
         self.seconds = 0.0
         self.runs = 0
@@ -218,12 +221,13 @@ class Trainer:
         from aiida_eqml.ml.hubbard.training import residual_targets
         from aiida_eqml.ml.training import train
 
-        subset = self.descriptors.subset(indices)
+        descriptors, attrs = self._descriptors[bool(candidate.get("spin_order", False))]
+        subset = descriptors.subset(indices)
         if candidate.get("residual"):
             subset = residual_targets(subset)  # learn U - U_scf (aiida_eqml.ml.hubbard.training)
         has_v = any("hubbard_v" in s.edge_targets and np.isfinite(s.edge_targets["hubbard_v"].values).any()
                     for s in subset.samples)
-        model = hubbard_model_config(self.species, self.attrs, cutoff=self.args.cutoff, predict_u=True,
+        model = hubbard_model_config(self.species, attrs, cutoff=self.args.cutoff, predict_u=True,
                                      predict_v=has_v and bool(self.pair_ls),
                                      v_sum_images=bool(candidate.get("v_sum_images")), **SIZES[candidate["size"]])
         config = {
@@ -238,6 +242,7 @@ class Trainer:
         self.seconds += time.time() - t0
         self.runs += 1
         result.residual = bool(candidate.get("residual"))
+        result.spin_order = bool(candidate.get("spin_order", False))
         return result
 
     def predict(self, result, rows) -> dict:
@@ -247,7 +252,8 @@ class Trainer:
         samples = sorted({r["sample"] for r in rows})
         if not samples:
             return {}
-        out = predict_hubbard(result.model, result.params, self.descriptors.subset(samples),
+        descriptors = self._descriptors[getattr(result, "spin_order", False)][0]
+        out = predict_hubbard(result.model, result.params, descriptors.subset(samples),
                               residual=getattr(result, "residual", False))
         values = {}
         for index, entry in zip(samples, out):
@@ -529,9 +535,10 @@ def run_evaluation(args) -> dict:
     )
     if len(usable_materials) < 2:
         raise SystemExit("leave-one-material-out needs at least two materials with usable labels")
-    candidates = [{"size": size, "epochs": int(epochs), "residual": residual, "v_sum_images": images}
-                  for residual in args.residual for images in args.v_sum_images for size in args.sizes
-                  for epochs in args.epochs]
+    candidates = [{"size": size, "epochs": int(epochs), "residual": residual, "v_sum_images": images,
+                   "spin_order": order}
+                  for residual in args.residual for images in args.v_sum_images for order in args.spin_order
+                  for size in args.sizes for epochs in args.epochs]
     seeds = [args.seed + k for k in range(args.seeds)]
     trainer = Trainer(record, args)
 
@@ -653,6 +660,9 @@ def main(argv=None) -> None:
     e.add_argument("--v-sum-images", nargs="+", type=lambda v: {"yes": True, "no": False}[v], default=[False],
                    metavar="{yes,no}", help="candidate V readouts: the V head per couple (no) and/or summed over the "
                                             "couple's periodic images, as hp.x at q = Gamma sums them (yes)")
+    e.add_argument("--spin-order", nargs="+", type=lambda v: {"yes": True, "no": False}[v], default=[False],
+                   metavar="{yes,no}", help="candidate site descriptors: without (no) and/or with (yes) the local "
+                                            "magnetic order (aiida_eqml.ml.hubbard.spin_order)")
     e.add_argument("--val-fraction", type=float, default=0.25, help="fraction of the training materials for validation")
     e.add_argument("--learning-curve", nargs="+", default=["auto"],
                    help="numbers of training materials, 'auto' (1, 2, 4, ... all) or 'none'")

@@ -41,8 +41,9 @@ DEFAULT_TRAINING_CONFIG: dict[str, Any] = {
     "normalization": "auto",  # auto: from the training set unless model["normalization"] is given
     "progress": True,
     # Hubbard records only (aiida_eqml.ml.hubbard.training): "residual": learn U - U_scf and V - V_scf;
-    # "v_sum_images": V of a couple is the V head summed over its periodic images (what hp.x at q = Gamma gives)
-    "hubbard": {"residual": False, "v_sum_images": False},
+    # "v_sum_images": V of a couple is the V head summed over its periodic images (what hp.x at q = Gamma gives);
+    # "spin_order": the site descriptor ends with the local magnetic order (aiida_eqml.ml.hubbard.spin_order)
+    "hubbard": {"residual": False, "v_sum_images": False, "spin_order": False},
 }
 
 
@@ -73,7 +74,7 @@ def training_config(config: Mapping[str, Any] | None) -> dict:
         raise ValueError(f"optimizer name must be 'adam' or 'adamw', got {full['optimizer']['name']!r}")
     if full["optimizer"]["schedule"] not in ("cosine", "exponential", "constant"):
         raise ValueError(f"schedule must be cosine, exponential or constant, got {full['optimizer']['schedule']!r}")
-    for key in ("residual", "v_sum_images"):
+    for key in DEFAULT_TRAINING_CONFIG["hubbard"]:
         if not isinstance(full["hubbard"][key], bool):
             raise ValueError(f"hubbard.{key} must be true or false, got {full['hubbard'][key]!r}")
     validate_training_config(full)  # types and ranges (aiida_eqml.ml.config_schema): ConfigError naming key and value

@@ -95,8 +95,10 @@ def test_the_training_config_knows_the_hubbard_section():
     """The eqml.train CalcJob validates the config before submission: the residual option must pass, a typo not."""
     from aiida_eqml.ml.train_config import training_config
 
-    assert training_config({"hubbard": {"residual": True}})["hubbard"] == {"residual": True, "v_sum_images": False}
-    assert training_config({})["hubbard"] == {"residual": False, "v_sum_images": False}
+    assert training_config({"hubbard": {"residual": True}})["hubbard"] == {
+        "residual": True, "v_sum_images": False, "spin_order": False}
+    assert training_config({})["hubbard"] == {"residual": False, "v_sum_images": False, "spin_order": False}
+    assert training_config({"hubbard": {"spin_order": True}})["hubbard"]["spin_order"] is True
     assert training_config({"hubbard": {"v_sum_images": True}})["hubbard"]["v_sum_images"] is True
     with pytest.raises(ValueError, match=r"unknown hubbard keys \['residul'\]"):
         training_config({"hubbard": {"residul": True}})
@@ -104,3 +106,5 @@ def test_the_training_config_knows_the_hubbard_section():
         training_config({"hubbard": {"residual": "yes"}})
     with pytest.raises(ValueError, match="hubbard.v_sum_images must be true or false, got 1"):
         training_config({"hubbard": {"v_sum_images": 1}})
+    with pytest.raises(ValueError, match="hubbard.spin_order must be true or false, got 'on'"):
+        training_config({"hubbard": {"spin_order": "on"}})

@@ -126,11 +126,11 @@ def _descriptor_dataset(record: Dataset, group) -> Dataset:
 
     if all(SITE_ATTR in s.node_attrs for s in record.samples):
         return record
-    manifold_ls, pair_ls = descriptor_slots(
-        record, group.metadata.get("hubbard"), with_pairs=PAIR_ATTR in group.edge_attrs
-    )
+    stored = group.metadata.get("hubbard") or {}
+    manifold_ls, pair_ls = descriptor_slots(record, stored, with_pairs=PAIR_ATTR in group.edge_attrs)
     try:
-        dataset, attrs = hubbard_training_dataset(record, manifold_ls, pair_ls)
+        dataset, attrs = hubbard_training_dataset(record, manifold_ls, pair_ls,
+                                                  spin_order=bool(stored.get("spin_order")))
     except ValueError as exc:
         raise PredictionError(
             f"the occupations cannot be read as this model's descriptors: {exc}", f"node_attrs.{SITE_ATTR}"

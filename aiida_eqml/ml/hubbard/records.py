@@ -74,12 +74,13 @@ RAW_EDGE_ATTRS = ("intersite_occupations", "hubbard_v_scf")
 
 
 # ----------------------------------------------------------------------------- irreps of the descriptors
-def site_attr_irreps(manifold_ls: Sequence[int], max_l: int = 4) -> e3nn.Irreps:
-    """One spin-invariant slot per manifold l (on-site block: even L), then ``U_scf`` (0e)."""
+def site_attr_irreps(manifold_ls: Sequence[int], max_l: int = 4, spin_order: bool = False) -> e3nn.Irreps:
+    """One spin-invariant slot per manifold l (on-site block: even L), then ``U_scf`` (0e) and, with
+    ``spin_order``, the local magnetic order (0e, :mod:`aiida_eqml.ml.hubbard.spin_order`)."""
     irreps = e3nn.Irreps("")
     for l in manifold_ls:
         irreps = irreps + spin_invariant_irreps_of(l, l, True, max_l)
-    return irreps + e3nn.Irreps("0e")
+    return irreps + e3nn.Irreps("0e") + e3nn.Irreps("0e" if spin_order else "")
 
 
 def pair_attr_irreps(pair_ls: Sequence[tuple[int, int]], max_l: int = 4) -> e3nn.Irreps:
@@ -108,9 +109,11 @@ def _two_channels(blocks: np.ndarray, what: str, square: bool = True) -> np.ndar
 
 
 def site_features(
-    occupations, hubbard_l, hubbard_u_scf, manifold_ls: Sequence[int], max_l: int = 4
+    occupations, hubbard_l, hubbard_u_scf, manifold_ls: Sequence[int], max_l: int = 4, spin_order=None
 ) -> e3nn.IrrepsArray:
-    """Per-atom descriptors ``[n, site_attr_irreps(manifold_ls)]`` from raw record arrays.
+    """Per-atom descriptors ``[n, site_attr_irreps(manifold_ls, spin_order=spin_order is not None)]`` from raw
+    record arrays; ``spin_order``: ``[n]`` local magnetic order (:func:`aiida_eqml.ml.hubbard.spin_order.spin_order`)
+    appended as the last scalar when given.
 
     Atoms whose manifold is not ``l`` get zeros in the slot of ``l`` (atoms without a manifold: all
     zeros but their ``U_scf``, which is 0 too).
@@ -133,7 +136,10 @@ def site_features(
         values = _block_invariants(occupations[:, :, : 2 * l + 1, : 2 * l + 1], l, l, True, max_l)
         slots.append(values * jnp.asarray(hubbard_l == l, jnp.float32)[:, None])
     u_scf = np.asarray(hubbard_u_scf, dtype=np.float64).reshape(n, 1) / HUBBARD_EV_SCALE
-    return e3nn.concatenate(slots + [e3nn.IrrepsArray("0e", jnp.asarray(u_scf, jnp.float32))], axis=-1)
+    slots.append(e3nn.IrrepsArray("0e", jnp.asarray(u_scf, jnp.float32)))
+    if spin_order is not None:
+        slots.append(e3nn.IrrepsArray("0e", jnp.asarray(np.reshape(spin_order, (n, 1)), jnp.float32)))
+    return e3nn.concatenate(slots, axis=-1)
 
 
 def pair_features(
@@ -271,14 +277,18 @@ def hubbard_training_dataset(
     manifold_ls: Sequence[int] | None = None,
     pair_ls: Sequence[tuple[int, int]] | None = None,
     max_l: int = 4,
+    spin_order: bool = False,
 ) -> tuple[Dataset, dict[str, dict[str, str]]]:
     """Record -> ``(dataset with descriptor attributes, {"node_attrs": ..., "edge_attrs": ...})``.
 
     The second item is the irreps to put in the model config (``config["node_attrs"]`` /
     ``config["edge_attrs"]``). ``manifold_ls`` / ``pair_ls`` default to those in the record; pass
-    them explicitly so that a model trained on one record reads another one. Raw attributes and
+    them explicitly so that a model trained on one record reads another one. ``spin_order``: the site descriptor
+    ends with each site's local magnetic order (:mod:`aiida_eqml.ml.hubbard.spin_order`). Raw attributes and
     targets are kept (the model only reads what its config names).
     """
+    from .spin_order import spin_order as local_spin_order
+
     check_hubbard_record(record)
     found_ls, found_pairs = record_manifolds(record)
     manifold_ls = tuple(found_ls if manifold_ls is None else manifold_ls)
@@ -295,6 +305,8 @@ def hubbard_training_dataset(
                 s.node_attrs["hubbard_u_scf"],
                 manifold_ls,
                 max_l,
+                local_spin_order(s.numbers, s.positions, s.cell, s.pbc, s.node_attrs["occupations"],
+                                 s.node_attrs["hubbard_l"]) if spin_order else None,
             ).array,
             dtype=np.float64,
         )
@@ -322,7 +334,7 @@ def hubbard_training_dataset(
                 info=dict(s.info),
             )
         )
-    attrs = {"node_attrs": {SITE_ATTR: str(site_attr_irreps(manifold_ls, max_l))}, "edge_attrs": {}}
+    attrs = {"node_attrs": {SITE_ATTR: str(site_attr_irreps(manifold_ls, max_l, spin_order))}, "edge_attrs": {}}
     if pair_ls:
         attrs["edge_attrs"][PAIR_ATTR] = str(pair_attr_irreps(pair_ls, max_l))
     return Dataset(samples, record.target_specs), attrs

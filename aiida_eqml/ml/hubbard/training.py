@@ -23,9 +23,14 @@ from aiida_eqml.ml.hubbard.records import (
     hubbard_training_dataset,
     record_manifolds,
 )
+from aiida_eqml.ml.train_config import DEFAULT_TRAINING_CONFIG
 
 __all__ = ("is_hubbard_record", "descriptor_slots", "labelled_species", "scf_values", "residual_targets",
            "add_scf_values", "prepare_hubbard_training")
+
+
+#: The keys of a training config's ``"hubbard"`` section (their defaults live in ``DEFAULT_TRAINING_CONFIG``).
+HUBBARD_TRAINING_KEYS = tuple(DEFAULT_TRAINING_CONFIG["hubbard"])
 
 
 def is_hubbard_record(dataset: Dataset) -> bool:
@@ -133,16 +138,20 @@ def prepare_hubbard_training(
     config = copy.deepcopy(dict(config))
     options = dict(config.pop("hubbard", None) or {})
     parent_slots = (parent_metadata or {}).get("hubbard") or {}
-    unknown = set(options) - {"residual", "v_sum_images"}
+    unknown = set(options) - set(HUBBARD_TRAINING_KEYS)
     if unknown:
-        raise ValueError(f"unknown hubbard training keys {sorted(unknown)}; known: ['residual', 'v_sum_images']")
-    residual = bool(parent_slots.get("residual", options.get("residual", False)))
-    if parent_metadata is not None and "residual" in options and bool(options["residual"]) != residual:
-        raise ValueError(
-            f"hubbard.residual: {options['residual']!r}, but the parent model was trained with {residual!r}"
-        )
+        raise ValueError(f"unknown hubbard training keys {sorted(unknown)}; known: {list(HUBBARD_TRAINING_KEYS)}")
+    flags = {}
+    for key in ("residual", "spin_order"):  # descriptor / target choices a fine-tuned model inherits
+        flags[key] = bool(parent_slots.get(key, options.get(key, False)) if parent_metadata is None
+                          else parent_slots.get(key, False))
+        if parent_metadata is not None and key in options and bool(options[key]) != flags[key]:
+            raise ValueError(
+                f"hubbard.{key}: {options[key]!r}, but the parent model was trained with {flags[key]!r}"
+            )
+    residual, spin_order = flags["residual"], flags["spin_order"]
     manifold_ls, pair_ls = descriptor_slots(record, parent_slots)
-    dataset, attrs = hubbard_training_dataset(record, manifold_ls, pair_ls)
+    dataset, attrs = hubbard_training_dataset(record, manifold_ls, pair_ls, spin_order=spin_order)
     if residual:
         dataset = residual_targets(dataset)
     model = dict(config.get("model") or {})
@@ -174,4 +183,6 @@ def prepare_hubbard_training(
     slots.update(labelled)
     if residual:
         slots["residual"] = True  # absent (not False) otherwise: the metadata of earlier models stays as it was
+    if spin_order:
+        slots["spin_order"] = True  # likewise: the site descriptor ends with the local magnetic order
     return dataset, config, slots
