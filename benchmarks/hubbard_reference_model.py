@@ -44,11 +44,11 @@ DEFAULT_OUT = ROOT / "aiida_eqml" / "ml" / "hubbard" / "reference" / "hubbard-tm
 
 
 def training_config(args, size: str, epochs: int, n_samples: int, residual: bool = False,
-                    v_sum_images: bool = False, spin_order: bool = False) -> dict:
+                    v_sum_images: bool = False, spin_order: bool = False, u_sum_images: bool = False) -> dict:
     """The config every member trains with (seed set per member); ``model`` is partial: ``prepare_hubbard_training``
     (train_cli) adds species, descriptor irreps and the U / V heads the record has labels for."""
     options = {k: True for k, on in (("residual", residual), ("v_sum_images", v_sum_images),
-                                     ("spin_order", spin_order)) if on}
+                                     ("u_sum_images", u_sum_images), ("spin_order", spin_order)) if on}
     return {
         "model": {"cutoff": args.cutoff, **SIZES[size]},
         **({"hubbard": options} if options else {}),
@@ -264,6 +264,8 @@ def main(argv=None) -> None:
                         help="learn U - U_scf (default: what the evaluation selected)")
     parser.add_argument("--v-sum-images", choices=("yes", "no"), default=None,
                         help="V summed over each couple's periodic images (default: what the evaluation selected)")
+    parser.add_argument("--u-sum-images", choices=("yes", "no"), default=None,
+                        help="U plus the site's coupling to its own images (default: what the evaluation selected)")
     parser.add_argument("--spin-order", choices=("yes", "no"), default=None,
                         help="the local magnetic order in the site descriptor (default: what the evaluation selected)")
     parser.add_argument("--hold-out", nargs="+", default=[], metavar="MATERIAL",
@@ -326,13 +328,14 @@ def main(argv=None) -> None:
     size, epochs, residual, source = selected_hyperparameters(evaluation, args)
     v_sum_images = selected_option(evaluation, args, "v_sum_images")
     spin_order = selected_option(evaluation, args, "spin_order")
+    u_sum_images = selected_option(evaluation, args, "u_sum_images")
     seeds = [args.seed + k for k in range(args.members)]
-    config = training_config(args, size, epochs, len(train_record), residual, v_sum_images, spin_order)
+    config = training_config(args, size, epochs, len(train_record), residual, v_sum_images, spin_order, u_sum_images)
     print(
         f"{len(record)} labels from {len(files)} files, {len(flags)} flagged; training on {len(usable)} "
         f"({sum(r['kind'] == 'U' for r in rows)} U, {sum(r['kind'] == 'V' for r in rows)} V) of {len(materials)} "
         f"materials; {args.members} x {size}/{epochs} epochs, residual {residual} ({source}), V summed over images "
-        f"{v_sum_images}, spin order {spin_order}; held out {args.hold_out}",
+        f"{v_sum_images}, U summed over images {u_sum_images}, spin order {spin_order}; held out {args.hold_out}",
         flush=True,
     )
 
@@ -402,6 +405,7 @@ def main(argv=None) -> None:
         "residual": residual,
         "v_sum_images": v_sum_images,
         "spin_order": spin_order,
+        "u_sum_images": u_sum_images,
         "hyperparameters_from": source,
         "training_config": config,
         "trained_with": trained_with,

@@ -17,8 +17,9 @@ What ``evaluate`` does (functions in ``aiida_eqml.ml.hubbard.evaluation``):
 * **leave one material out**: a material is composition + structure type + magnetic order (``info['material']``,
   e.g. ``NiO-rocksalt-afm2``); each is held out in turn with all its strains and iterations.
 * **model selection** only inside the training materials: candidates (``--residual`` x ``--v-sum-images`` x
-  ``--spin-order`` x ``--sizes`` x ``--epochs``; residual: learn U - U_scf and V - V_scf, the change hp.x makes to
-  the scf's parameters; spin order: the site descriptor carries the local magnetic order) are trained with
+  ``--u-sum-images`` x ``--spin-order`` x ``--sizes`` x ``--epochs``; residual: learn U - U_scf and V - V_scf, the
+  change hp.x makes to the scf's parameters; U summed over images: a site's U holds its coupling to its own periodic
+  images; spin order: the site descriptor carries the local magnetic order) are trained with
   the first seed on the training materials less a validation split *of materials* (one material, or a strain cell
   when only one training material exists) and the candidate with the lowest validation MARE (mean of U and V) is
   retrained on all training materials with every seed (``--seeds``) and scored on the held-out material.
@@ -229,7 +230,8 @@ class Trainer:
                     for s in subset.samples)
         model = hubbard_model_config(self.species, attrs, cutoff=self.args.cutoff, predict_u=True,
                                      predict_v=has_v and bool(self.pair_ls),
-                                     v_sum_images=bool(candidate.get("v_sum_images")), **SIZES[candidate["size"]])
+                                     v_sum_images=bool(candidate.get("v_sum_images")),
+                                     u_sum_images=bool(candidate.get("u_sum_images")), **SIZES[candidate["size"]])
         config = {
             "model": model, "epochs": int(candidate["epochs"]), "batch_size": min(self.args.batch_size, len(subset)),
             "split": {"train": list(range(len(subset))), "val": [], "test": []}, "seed": int(seed),
@@ -536,9 +538,9 @@ def run_evaluation(args) -> dict:
     if len(usable_materials) < 2:
         raise SystemExit("leave-one-material-out needs at least two materials with usable labels")
     candidates = [{"size": size, "epochs": int(epochs), "residual": residual, "v_sum_images": images,
-                   "spin_order": order}
-                  for residual in args.residual for images in args.v_sum_images for order in args.spin_order
-                  for size in args.sizes for epochs in args.epochs]
+                   "u_sum_images": u_images, "spin_order": order}
+                  for residual in args.residual for images in args.v_sum_images for u_images in args.u_sum_images
+                  for order in args.spin_order for size in args.sizes for epochs in args.epochs]
     seeds = [args.seed + k for k in range(args.seeds)]
     trainer = Trainer(record, args)
 
@@ -660,6 +662,9 @@ def main(argv=None) -> None:
     e.add_argument("--v-sum-images", nargs="+", type=lambda v: {"yes": True, "no": False}[v], default=[False],
                    metavar="{yes,no}", help="candidate V readouts: the V head per couple (no) and/or summed over the "
                                             "couple's periodic images, as hp.x at q = Gamma sums them (yes)")
+    e.add_argument("--u-sum-images", nargs="+", type=lambda v: {"yes": True, "no": False}[v], default=[False],
+                   metavar="{yes,no}", help="candidate U readouts: the node head (no) and/or plus an edge head summed "
+                                            "over the site's edges to its own periodic images (yes)")
     e.add_argument("--spin-order", nargs="+", type=lambda v: {"yes": True, "no": False}[v], default=[False],
                    metavar="{yes,no}", help="candidate site descriptors: without (no) and/or with (yes) the local "
                                             "magnetic order (aiida_eqml.ml.hubbard.spin_order)")

@@ -31,7 +31,9 @@ Config keys (defaults in :data:`DEFAULT_CONFIG`):
     {"formula", "index_irreps"}, "route": "direct"|"derivative", "reduce": "sum"|"mean"|"images",
     "quantity": ...}}``. Graph heads reduce a node readout over the nodes (``reduce``, default
     ``sum``). An edge head with ``reduce: "images"`` gives every edge i -> j the sum of its readout over all
-    edges i -> j (every translation S within the cutoff; :func:`aiida_eqml.ml.graph.sum_over_images`).
+    edges i -> j (every translation S within the cutoff; :func:`aiida_eqml.ml.graph.sum_over_images`); a node head
+    with it adds to node i the sum of an edge readout over i's edges to its own images i -> i + S (S != 0), the
+    coupling of a site to its periodic images that a q = Gamma response in the cell contains (hp.x's U).
     Derivative heads come from the energy head ``config["energy_head"]``
     (default ``"energy"``, a graph ``0e`` head added automatically when missing) through
     :mod:`aiida_eqml.ml.response`; ``quantity`` (default: the head name) is one of
@@ -110,7 +112,7 @@ class HeadSpec(NamedTuple):
     tensor: CartesianTensorType | None  # Cartesian type when the head is a tensor
     route: str  # direct | derivative
     quantity: str | None = None  # derivative route: which derivative of the energy
-    reduce: str = "sum"  # graph heads from nodes: sum | mean; edge heads: sum (each edge) | images
+    reduce: str = "sum"  # graph heads from nodes: sum | mean; node and edge heads: sum | images
 
 
 def _parse_head(name: str, spec: dict, energy_head: str) -> HeadSpec:
@@ -145,7 +147,7 @@ def _parse_head(name: str, spec: dict, energy_head: str) -> HeadSpec:
     ttype = tensor_type(spec["tensor"]) if "tensor" in spec else None
     irreps = ttype.irreps if ttype is not None else e3nn.Irreps(spec["irreps"])
     reduce = spec.get("reduce", "sum")
-    allowed = ("sum", "images") if level == "edge" else ("sum", "mean") if level == "graph" else ("sum",)
+    allowed = ("sum", "mean") if level == "graph" else ("sum", "images")
     if reduce not in allowed:
         raise ValueError(f"head {name!r}: a {level} head's reduce must be one of {allowed}, got {reduce!r}")
     return HeadSpec(level, irreps, ttype, "direct", None, reduce)
@@ -304,6 +306,13 @@ class EquivariantNetwork(nn.Module):
                     out.irreps, _shift_table(shift, (num_species,), head.irreps, name, dtype)[graph.species]
                 )
             out = out * node_mask
+            if head.reduce == "images":  # a node head: + its coupling to its own periodic images (module docstring)
+                to_images = EdgeReadout(
+                    head.irreps, tuple(cfg["radial_hidden"]), cfg["readout_product_mul"], name=f"head_{name}_images"
+                )(x, edge_angular, edge_scalars, graph.senders, graph.receivers, graph.edge_mask)
+                self_edge = ((graph.senders == graph.receivers) & graph.edge_mask.astype(bool)).astype(dtype)
+                out = out + e3nn.scatter_sum(to_images * (self_edge[:, None] * scale), dst=graph.senders,
+                                             output_size=out.shape[0]) * node_mask
             if head.level == "graph":
                 out = e3nn.scatter_sum(out, dst=graph.node_graph, output_size=cells.shape[0])
                 if head.reduce == "mean":

@@ -334,3 +334,46 @@ def test_ensemble_trains_saves_and_gives_a_spread(tmp_path):
         handle.write(b"x")
     with pytest.raises(ValueError, match="sha256 differs"):
         Ensemble.load(tmp_path / "ens")
+
+
+# ------------------------------------------------------------------ U summed over a site's own images
+
+
+def _without(params, key):
+    """The parameter tree without the sub-module ``key`` (the images readout of a u_sum_images model)."""
+    if isinstance(params, dict) or hasattr(params, "items"):
+        return {k: _without(v, key) for k, v in params.items() if k != key}
+    return params
+
+
+def test_u_summed_over_images_is_the_node_head_plus_the_coupling_to_the_sites_own_images(u_runs):
+    """``u_sum_images``: U(I) = node head(I) + sum over I's edges to I + S (S != 0) of an edge head. Invariant under
+    proper and improper rotations; the model without the images readout, on the same weights, gives the node head
+    alone; in a 2x1x1 supercell (some of a site's images become another atom) U changes, where the plain model,
+    local by construction, gives the primitive cell's U on every copy."""
+    (onsite, _), _ = u_runs
+    sample = nio_sample(onsite, {}, generate.CELL)
+    dataset, attrs = hubbard_training_dataset(Dataset([sample], HUBBARD_TARGET_SPECS))
+    model, params = model_and_params(dataset, attrs, seed=1, u_sum_images=True)
+    assert model.heads["hubbard_u"].reduce == "images"
+    u = predict_hubbard(model, params, dataset)[0]["hubbard_u"]
+    assert np.all(np.isfinite(u))
+    for rotation in (ROTATION, -generate.rotation_matrix([0.3, -1.0, 0.5], 2.1)):
+        moved = nio_sample(rotate_blocks(onsite, {}, rotation)[0], {}, generate.CELL @ rotation.T)
+        np.testing.assert_allclose(predictions(model, params, [moved])[0]["hubbard_u"], u, atol=TIGHT)
+
+    plain_model, plain_params = model_and_params(dataset, attrs, seed=1)
+    node_only = _without(params, "head_hubbard_u_images")
+    assert jax.tree_util.tree_structure(node_only) == jax.tree_util.tree_structure(plain_params)
+    u_node = predict_hubbard(plain_model, node_only, dataset)[0]["hubbard_u"]
+    assert np.abs(u - u_node).max() > 1e-4  # NiO's 2.95 A lattice vectors: every site has images in the cutoff
+
+    atoms = nio_atoms(generate.CELL).repeat((2, 1, 1))
+    big = hubbard_record_sample(atoms, {a + 4 * k: b for k in range(2) for a, b in onsite.items()},
+                                {a + 4 * k: u for k in range(2) for a, u in {0: 5.0, 1: 5.0, 2: 1.0, 3: 1.0}.items()},
+                                target_u={0: 6.0, 1: 6.0, 4: 6.0, 5: 6.0})
+    big_set, _ = hubbard_training_dataset(Dataset([big], HUBBARD_TARGET_SPECS), (1, 2))
+    np.testing.assert_allclose(predict_hubbard(plain_model, node_only, big_set)[0]["hubbard_u"],
+                               np.tile(u_node, 2), atol=TIGHT)
+    u_big = predict_hubbard(model, params, big_set)[0]["hubbard_u"]
+    assert np.abs(u_big - np.tile(u, 2)).max() > 1e-4

@@ -9,7 +9,10 @@
   couple is missing otherwise). With ``v_sum_images`` the head is summed over the periodic images of each
   couple (``reduce: "images"``, :func:`aiida_eqml.ml.graph.sum_over_images`): the V of hp.x at q = Gamma is
   sum_S V(i, j + S), so the network learns the local V of each image and a supercell gets what hp.x at q = Gamma
-  gives there, instead of the primitive cell's value on every couple.
+  gives there, instead of the primitive cell's value on every couple. With ``u_sum_images`` the U of a site is
+  its node head plus an edge head summed over its edges to its own periodic images (i -> i + S, S != 0): hp.x at
+  q = Gamma perturbs a site together with its images, so its U holds the site's coupling to them (rutile's
+  6-atom cell: 2.998 eV, its 1x1x2 supercell at the same seeds: 3.949 eV, docs/hubbard.md).
 
 The inputs are the descriptors of :mod:`aiida_eqml.ml.hubbard.records` given as node / edge
 attributes (``config["node_attrs"]`` / ``config["edge_attrs"]``): on-site and inter-site
@@ -66,6 +69,7 @@ def hubbard_model_config(
     predict_u: bool = True,
     predict_v: bool | None = None,
     v_sum_images: bool = False,
+    u_sum_images: bool = False,
     **overrides,
 ) -> dict:
     """Model config (plain JSON) with heads ``hubbard_u`` (node) and / or ``hubbard_v`` (edge).
@@ -74,7 +78,8 @@ def hubbard_model_config(
     :func:`aiida_eqml.ml.hubbard.records.hubbard_training_dataset` (descriptor irreps).
     ``predict_v`` defaults to whether pair descriptors are present. ``overrides`` replace any
     model-core key (see :mod:`aiida_eqml.ml.models`), e.g. ``hidden_irreps`` or ``num_layers``.
-    ``v_sum_images``: V of a couple is the head summed over all its periodic images (the module docstring).
+    ``v_sum_images``: V of a couple is the head summed over all its periodic images (the module docstring);
+    ``u_sum_images``: U of a site is its node head plus an edge head summed over its edges to its own images.
     """
     node_attrs = dict(attrs.get("node_attrs", {}))
     edge_attrs = dict(attrs.get("edge_attrs", {}))
@@ -85,6 +90,8 @@ def hubbard_model_config(
     heads = {}
     if predict_u:
         heads["hubbard_u"] = head_spec("hubbard_u")
+        if u_sum_images:
+            heads["hubbard_u"]["reduce"] = "images"
     if predict_v:
         heads["hubbard_v"] = head_spec("hubbard_v")
         if v_sum_images:

@@ -166,6 +166,7 @@ def prepare_hubbard_training(
             predict_u="hubbard_u" in record.target_specs,
             predict_v="hubbard_v" in record.target_specs and bool(pair_ls),
             v_sum_images=bool(options.get("v_sum_images", False)),
+            u_sum_images=bool(options.get("u_sum_images", False)),
             **model,
         )
         if heads:
