@@ -212,7 +212,7 @@ class Trainer:
         self.manifold_ls, self.pair_ls = record_manifolds(record)
         # one descriptor set per --spin-order choice (the site descriptor with or without the local magnetic order)
         self._descriptors = {order: hubbard_training_dataset(record, self.manifold_ls, self.pair_ls, spin_order=order)
-                             for order in sorted(set(getattr(args, "spin_order", [False])))}
+                             for order in sorted(set(args.spin_order))}
         self.species = [ase.data.chemical_symbols[z] for z in record.atomic_numbers]
         self.seconds = 0.0
         self.runs = 0
@@ -254,7 +254,7 @@ class Trainer:
         samples = sorted({r["sample"] for r in rows})
         if not samples:
             return {}
-        descriptors = self._descriptors[getattr(result, "spin_order", False)][0]
+        descriptors = self._descriptors[result.spin_order][0]
         out = predict_hubbard(result.model, result.params, descriptors.subset(samples),
                               residual=getattr(result, "residual", False))
         values = {}

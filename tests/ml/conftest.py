@@ -53,3 +53,22 @@ def random_rotation(seed: int, improper: bool) -> np.ndarray:
 @pytest.fixture
 def rotation():
     return random_rotation
+
+
+def train_hubbard_model(record, tmp_path, hubbard: dict, split: dict, batch_size: int):
+    """What an ``eqml.train`` CalcJob runs (``train_cli``) on a Hubbard record with a tiny model and the given
+    ``hubbard`` training options; returns the path of the model file it writes."""
+    import json
+
+    from aiida_eqml.ml.train_cli import MODEL_FILENAME, train_command
+
+    config = {
+        "model": {"num_layers": 1, "hidden_irreps": "8x0e + 2x1o + 2x2e", "radial_hidden": [8], "cutoff": 4.0},
+        "hubbard": hubbard,
+        "epochs": 3, "batch_size": batch_size, "split": split,
+        "early_stopping": {"patience": 0}, "progress": False,
+    }
+    record.save(tmp_path / "record.npz")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert train_command(tmp_path / "record.npz", tmp_path / "config.json", tmp_path / "run", progress=False) == 0
+    return tmp_path / "run" / MODEL_FILENAME

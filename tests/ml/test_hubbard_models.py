@@ -341,7 +341,7 @@ def test_ensemble_trains_saves_and_gives_a_spread(tmp_path):
 
 def _without(params, key):
     """The parameter tree without the sub-module ``key`` (the images readout of a u_sum_images model)."""
-    if isinstance(params, dict) or hasattr(params, "items"):
+    if hasattr(params, "items"):
         return {k: _without(v, key) for k, v in params.items() if k != key}
     return params
 

@@ -7,11 +7,11 @@ the scf's parameters.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import train_hubbard_model
 
 from aiida_eqml.ml.dataset import Dataset
 from aiida_eqml.ml.hubbard.records import hubbard_training_dataset
@@ -57,18 +57,7 @@ def test_unknown_hubbard_option_and_parent_mismatch_are_refused(record):
 def test_train_cli_stores_the_flag_and_prediction_adds_the_scf_values(record, tmp_path):
     from aiida_eqml.ml.modelfile import load_model
     from aiida_eqml.ml.predict import Predictor, load_predictor
-    from aiida_eqml.ml.train_cli import MODEL_FILENAME, train_command
-
-    config = {
-        "model": {"num_layers": 1, "hidden_irreps": "8x0e + 2x1o + 2x2e", "radial_hidden": [8], "cutoff": 4.0},
-        "hubbard": {"residual": True},
-        "epochs": 3, "batch_size": 2, "split": {"train": [0, 1], "val": [2], "test": []},
-        "early_stopping": {"patience": 0}, "progress": False,
-    }
-    record.save(tmp_path / "record.npz")
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    assert train_command(tmp_path / "record.npz", tmp_path / "config.json", tmp_path / "run", progress=False) == 0
-    path = tmp_path / "run" / MODEL_FILENAME
+    path = train_hubbard_model(record, tmp_path, {"residual": True}, {"train": [0, 1], "val": [2], "test": []}, 2)
     _, params, metadata = load_model(path)
     assert metadata["hubbard"]["residual"] is True
 

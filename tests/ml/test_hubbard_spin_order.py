@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from ase.build import bulk
+from conftest import train_hubbard_model
 from scipy.spatial.transform import Rotation
 
 from aiida_eqml.ml.hubbard.records import hubbard_training_dataset, site_attr_irreps
@@ -118,26 +119,15 @@ def test_train_cli_stores_the_flag_and_a_predictor_reads_the_raw_record_with_it(
     """A model trained with ``hubbard.spin_order`` on a real AFM-II NiO record: the flag is in the model file, a
     Predictor of that file builds the ordered descriptors from the raw occupations itself (the ML loop's path), and
     the prediction depends on the order: flipping one Ni's spin channels (AFM-II -> FM-like) changes U."""
-    import json
     from pathlib import Path
 
     from aiida_eqml.ml.dataset import Dataset
     from aiida_eqml.ml.modelfile import load_model
     from aiida_eqml.ml.predict import load_predictor
-    from aiida_eqml.ml.train_cli import MODEL_FILENAME, train_command
 
     root = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "hubbard_campaign"
     record = Dataset.load(root / "NiO_rocksalt_afm2_s100.npz")
-    config = {
-        "model": {"num_layers": 1, "hidden_irreps": "8x0e + 2x1o + 2x2e", "radial_hidden": [8], "cutoff": 4.0},
-        "hubbard": {"spin_order": True},
-        "epochs": 3, "batch_size": 1, "split": {"train": [0], "val": [1], "test": []},
-        "early_stopping": {"patience": 0}, "progress": False,
-    }
-    record.save(tmp_path / "record.npz")
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    assert train_command(tmp_path / "record.npz", tmp_path / "config.json", tmp_path / "run", progress=False) == 0
-    path = tmp_path / "run" / MODEL_FILENAME
+    path = train_hubbard_model(record, tmp_path, {"spin_order": True}, {"train": [0], "val": [1], "test": []}, 1)
     _, _, metadata = load_model(path)
     assert metadata["hubbard"]["spin_order"] is True
     predictor = load_predictor(path)

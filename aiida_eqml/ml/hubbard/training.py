@@ -143,8 +143,7 @@ def prepare_hubbard_training(
         raise ValueError(f"unknown hubbard training keys {sorted(unknown)}; known: {list(HUBBARD_TRAINING_KEYS)}")
     flags = {}
     for key in ("residual", "spin_order"):  # descriptor / target choices a fine-tuned model inherits
-        flags[key] = bool(parent_slots.get(key, options.get(key, False)) if parent_metadata is None
-                          else parent_slots.get(key, False))
+        flags[key] = bool(options.get(key, False) if parent_metadata is None else parent_slots.get(key, False))
         if parent_metadata is not None and key in options and bool(options[key]) != flags[key]:
             raise ValueError(
                 f"hubbard.{key}: {options[key]!r}, but the parent model was trained with {flags[key]!r}"
