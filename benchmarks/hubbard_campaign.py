@@ -7,8 +7,10 @@ at the campaign's protocol (``--protocol``: ``gamma``, the shipped labels at
 ``REFERENCE_PROTOCOL_Q222``, hp.x on a 2x2x2 q mesh), submitted to the daemon, at most ``--jobs`` at a time (serial
 pw.x/hp.x: one core each). A finished cell is exported at once to ``benchmarks/data/hubbard_campaign/<key>.npz``
 (``hubbard_campaign_q222/`` for ``q222``, and so on; its labels, each sample's info naming material, structure type,
-iteration and protocol) and ``<key>.json`` (pks, exit status, wall times per step). Commit those files as they
-arrive: re-running skips every cell that has them, so the campaign continues on another day on a fresh machine.
+iteration and protocol), ``<key>.json`` (pks, exit status, wall times per step) and ``archives/<key>.aiida``
+(``verdi archive create`` of the cell's work chain: its pw.x and hp.x calculations, inputs and outputs; since the
+fourteenth session, so that a cell's provenance outlives the profile of the day it ran in). Commit those files as
+they arrive: re-running skips every cell that has them, so the campaign continues on another day on a fresh machine.
 Cells whose loop failed get a ``.json`` with the failure and no ``.npz``; ``--retry-failed`` runs them again.
 A cell still running when the machine goes (the end of a working session) is lost: its pw.x/hp.x job dies, the
 restarted daemon finds its output missing (PwCalculation exit 305) and the loop fails, so ``--until HH:MM`` submits
@@ -18,6 +20,7 @@ only the cells whose estimate (the longest finished cell of the same material) e
     python benchmarks/hubbard_campaign.py run --jobs 2 [--only K,..] # submit / wait / export until done
     python benchmarks/hubbard_campaign.py run --until 10:00         # only cells expected to end by 10:00
     python benchmarks/hubbard_campaign.py export                     # export finished cells without submitting
+    python benchmarks/hubbard_campaign.py archive                    # archives/<key>.aiida of exported cells here
     python benchmarks/hubbard_campaign.py merge OUT.npz              # one record of every exported label
     python benchmarks/hubbard_campaign.py summary                    # label counts vs the targets -> JSON
     python benchmarks/hubbard_campaign.py --protocol q222 run --only LiCoO2_layered_s100   # the 2x2x2 q campaign
@@ -258,7 +261,42 @@ def export(key: str, name: str, strain: float, node) -> str:
     else:
         status = 'failed'
     (DATA / f'{key}.json').write_text(json.dumps(meta, indent=1, default=str) + '\n')
+    write_cell_archive(key, node)
     return status
+
+
+def cell_archive(key: str) -> pathlib.Path:
+    return DATA / 'archives' / f'{key}.aiida'
+
+
+def write_cell_archive(key: str, node) -> pathlib.Path:
+    """``archives/<key>.aiida``: the cell's work chain with everything it called, its inputs and outputs (AiiDA's
+    default traversal rules), i.e. the provenance of its labels, which ``hubbard_reference_model.py --archive``
+    imports when the profile it runs in is not the one the cell ran in."""
+    from aiida.tools.archive import create_archive
+
+    path = cell_archive(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    create_archive([node], filename=path, overwrite=True)
+    return path
+
+
+def archive_exported(args) -> None:
+    """``archive``: write ``archives/<key>.aiida`` of every exported cell whose work chain is in this profile."""
+    from aiida import orm
+    from aiida.common.exceptions import NotExistent
+
+    for meta_path in sorted(DATA.glob('*.json')):
+        meta = json.loads(meta_path.read_text())
+        key = meta['key']
+        if cell_archive(key).exists() and not args.refresh:
+            continue
+        try:
+            node = orm.load_node(meta['workchain_uuid'])
+        except NotExistent:
+            continue  # ran in another session's profile: its provenance is in an earlier archive, or lost
+        path = write_cell_archive(key, node)
+        print(f'{key}: {path.relative_to(HERE.parent)} ({path.stat().st_size / 2**20:.2f} MiB)')
 
 
 def run(args) -> None:
@@ -392,6 +430,9 @@ def main(argv=None) -> None:
     p.add_argument('--failed', action='store_true',
                    help="export again the cells recorded as failed: the hp.x iterations their loops finished")
     p.set_defaults(func=export_finished)
+    p = sub.add_parser('archive', help='archives/<key>.aiida of every exported cell whose work chain is here')
+    p.add_argument('--refresh', action='store_true', help='write the archives that exist again')
+    p.set_defaults(func=archive_exported)
     p = sub.add_parser('run')
     p.add_argument('--jobs', type=int, default=2, help='cells in flight at once (one core each)')
     p.add_argument('--only', default='', help='comma-separated cell keys, run in this order')

@@ -160,20 +160,50 @@ def train_with_aiida(args, record, config: dict, seeds: list[int], work: Path) -
     }
 
 
-def write_archive(args, out: Path, extra_uuids=()) -> Path:
+def write_archive(args, out: Path, extra_uuids=(), previous: Path | None = None) -> Path:
     """``verdi archive create`` of the campaign's work chains (uuids from the per-cell json files) and of
-    ``extra_uuids`` (the ensemble's training work chain: the members' provenance back to their dataset)."""
+    ``extra_uuids`` (the ensemble's training work chain: the members' provenance back to their dataset).
+
+    A campaign spans several working days, each on a fresh machine with a fresh profile, so the profile this runs in
+    holds few of the cells' work chains: those it lacks are imported first from the cells' own archives
+    (``archives/<key>.aiida``, written at export since the fourteenth session) and from ``previous`` (the archive
+    shipped before, which holds the cells of earlier sessions). Cells found in neither (exported in the seventh to
+    thirteenth sessions, whose profiles are gone) are left out and counted: their labels keep the pks and uuids in
+    their json, not their graph."""
     import subprocess
 
-    uuids = list(extra_uuids)
-    for meta in sorted(CAMPAIGN.glob("*.json")):
-        uuid = json.loads(meta.read_text()).get("workchain_uuid")
-        if uuid:
-            uuids.append(uuid)
-    if not uuids:
-        raise SystemExit(f"no campaign work chain uuid in {CAMPAIGN}/*.json")
-    path = out / "campaign.aiida"
+    from aiida import load_profile, orm
+
+    load_profile(args.profile, allow_switch=True)
     verdi = Path(sys.executable).with_name("verdi")
+
+    def present(wanted):
+        if not wanted:
+            return set()
+        query = orm.QueryBuilder().append(orm.Node, filters={"uuid": {"in": list(wanted)}}, project="uuid")
+        return set(query.all(flat=True))
+
+    cells = {}
+    for meta in sorted(CAMPAIGN.glob("*.json")):
+        meta = json.loads(meta.read_text())
+        if meta.get("workchain_uuid"):
+            cells[meta["workchain_uuid"]] = meta["key"]
+    if not cells:
+        raise SystemExit(f"no campaign work chain uuid in {CAMPAIGN}/*.json")
+    sources = [CAMPAIGN / "archives" / f"{key}.aiida" for uuid, key in cells.items() if uuid not in present(cells)]
+    sources = [path for path in sources if path.exists()]
+    if previous is not None and previous.exists():
+        sources.append(previous)
+    for source in sources:
+        subprocess.run([str(verdi), "-p", args.profile, "archive", "import", "--no-import-group", str(source)],
+                       check=True, stdout=subprocess.DEVNULL)
+    found = present(cells)
+    lost = sorted(key for uuid, key in cells.items() if uuid not in found)
+    if lost:
+        print(f"{len(lost)} of {len(cells)} exported cells have no work chain in this profile nor in an archive "
+              f"(labels only): {', '.join(lost)}", file=sys.stderr)
+    uuids = [*extra_uuids, *sorted(found)]
+    path = out / "campaign.aiida"
     command = [str(verdi), "-p", args.profile, "archive", "create", "--force", "-N", *uuids, "--", str(path)]
     subprocess.run(command, check=True)
     return path
@@ -295,7 +325,13 @@ def main(argv=None) -> None:
         out = args.out.resolve()
         meta = json.loads((out / "ensemble.json").read_text())["metadata"]
         training = (meta.get("aiida") or {}).get("workchain_uuid")
-        path = write_archive(args, out, [training] if training else [])
+        previous = None
+        if (out / "campaign.aiida").exists():  # its cells are imported into the new archive, which replaces it
+            previous = Path(tempfile.mkdtemp(prefix="hubbard-archive-")) / "campaign.aiida"
+            shutil.copyfile(out / "campaign.aiida", previous)
+        path = write_archive(args, out, [training] if training else [], previous=previous)
+        if previous is not None:
+            shutil.rmtree(previous.parent)
         total = sum(f.stat().st_size for f in out.iterdir()) / 2**20
         if total > args.max_mb:
             raise SystemExit(f"{out}: {total:.1f} MB, above --max-mb {args.max_mb}")
@@ -363,13 +399,13 @@ def main(argv=None) -> None:
 
         archive = out / "campaign.aiida"
         kept_archive = None
-        if archive.exists() and not args.archive:  # keep the campaign's provenance unless it is written again
-            kept_archive = work / archive.name
+        if archive.exists():  # the campaign's provenance: kept, or with --archive imported into the new one
+            kept_archive = Path(tempfile.mkdtemp(prefix="hubbard-archive-")) / archive.name
             shutil.move(archive, kept_archive)
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
-        if kept_archive is not None:
+        if kept_archive is not None and not args.archive:
             shutil.move(kept_archive, archive)
         entries = []
         for k, (f, seed) in enumerate(zip(member_files, seeds)):
@@ -419,7 +455,9 @@ def main(argv=None) -> None:
     manifest = {"format": "aiida-eqml-ensemble", "format_version": 1, "members": entries, "metadata": meta}
     (out / "ensemble.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=float) + "\n")
     if args.archive:
-        write_archive(args, out, [aiida_info["workchain_uuid"]] if aiida_info else [])
+        write_archive(args, out, [aiida_info["workchain_uuid"]] if aiida_info else [], previous=kept_archive)
+    if kept_archive is not None:
+        shutil.rmtree(kept_archive.parent, ignore_errors=True)
     (out / "README.md").write_text(readme(meta, name))
 
     # Checks: loads as an ensemble, predicts the shipped record, fits the size budget.
