@@ -282,11 +282,6 @@ def _score(rows, predictions) -> dict:
     return out
 
 
-def _selection_score(score) -> float:
-    values = [score[k]["mare"] for k in ("U", "V") if score[k]["mare"] is not None and np.isfinite(score[k]["mare"])]
-    return float(np.mean(values)) if values else float("inf")
-
-
 def _baselines(train_rows, test_rows) -> dict:
     from aiida_eqml.ml.hubbard.evaluation import BASELINES, pooled_errors
 
@@ -340,7 +335,7 @@ def pooled_summary(entries, held_out_rows, n_seeds) -> dict:
 
 def evaluate_material(trainer, split, flags, candidates, seeds, args) -> tuple[dict, list[dict]]:
     """Selection, final training over seeds, scores and baselines for one held-out material."""
-    from aiida_eqml.ml.hubbard.evaluation import label_table, unseen_species, validation_split
+    from aiida_eqml.ml.hubbard.evaluation import choose_per_target, label_table, unseen_species, validation_split
 
     record = trainer.record
     material = split["material"]
@@ -362,25 +357,20 @@ def evaluate_material(trainer, split, flags, candidates, seeds, args) -> tuple[d
                     "val_mae_v": score["V"]["mae"],
                 }
             )
-        chosen = min(
-            range(len(candidates)),
-            key=lambda k: _selection_score(
-                {
-                    "U": {"mare": selection["candidates"][k]["val_mare_u"]},
-                    "V": {"mare": selection["candidates"][k]["val_mare_v"]},
-                }
-            ),
-        )
+        chosen = choose_per_target(selection["candidates"])
     else:
-        chosen = 0
+        chosen = {"U": 0, "V": 0}
         selection["note"] = "one candidate" if len(candidates) == 1 else "no validation split possible: first candidate"
-    candidate = candidates[chosen]
-    selection["chosen"] = candidate
+    # U's choice is "chosen": the learning curve and the shipped model (one network, both heads) follow it
+    selection["chosen"], selection["chosen_v"] = candidates[chosen["U"]], candidates[chosen["V"]]
+    selection["scoring"] = "per target: U on val_mare_u, V on val_mare_v"
 
     per_seed, committee = [], {}
     for seed in seeds:
-        result = trainer.fit(split["train"], candidate, seed)
-        predictions = trainer.predict(result, test_rows)
+        fits = {k: trainer.fit(split["train"], candidates[k], seed) for k in sorted(set(chosen.values()))}
+        predictions = {}
+        for kind in ("U", "V"):
+            predictions.update(trainer.predict(fits[chosen[kind]], [r for r in test_rows if r["kind"] == kind]))
         per_seed.append(_score(test_rows, predictions))
         for key, value in predictions.items():
             committee.setdefault(key, []).append(value)

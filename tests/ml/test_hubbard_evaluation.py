@@ -231,3 +231,18 @@ def test_unseen_species_counts_elements_without_labels():
     held_out = [len(record)]
     assert unseen_species(extended, range(len(record)), held_out) == ["Sr"]
     assert unseen_species(extended, [*range(len(record)), len(record)], held_out) == []
+
+
+def test_each_target_is_chosen_on_its_own_validation_score():
+    """A candidate that is better on V but worse on U is V's choice only (the mean of both scores, the selection
+    until the fourteenth session, took it for both: here 0.5 + 0.3 < 0.2 + 0.9); unscored candidates are skipped,
+    and with no finite score the first candidate stands."""
+    candidates = [
+        {"size": "tiny", "val_mare_u": 0.2, "val_mare_v": 0.9},
+        {"size": "small", "val_mare_u": 0.5, "val_mare_v": 0.3},
+        {"size": "medium", "val_mare_u": float("nan"), "val_mare_v": None},
+    ]
+    assert ev.choose_per_target(candidates) == {"U": 0, "V": 1}
+    assert ev.choose_per_target([{"val_mare_u": None, "val_mare_v": float("nan")}] * 2) == {"U": 0, "V": 0}
+    only_u = [{"val_mare_u": 0.4, "val_mare_v": None}, {"val_mare_u": 0.1, "val_mare_v": None}]
+    assert ev.choose_per_target(only_u) == {"U": 1, "V": 0}
