@@ -45,11 +45,14 @@ DEFAULT_OUT = ROOT / "aiida_eqml" / "ml" / "hubbard" / "reference" / "hubbard-tm
 
 
 def training_config(args, size: str, epochs: int, n_samples: int, residual: bool = False,
-                    v_sum_images: bool = False, spin_order: bool = False, u_sum_images: bool = False) -> dict:
+                    v_sum_images: bool = False, spin_order: bool = False, u_sum_images: bool = False,
+                    scf_inputs: bool = True) -> dict:
     """The config every member trains with (seed set per member); ``model`` is partial: ``prepare_hubbard_training``
     (train_cli) adds species, descriptor irreps and the U / V heads the record has labels for."""
     options = {k: True for k, on in (("residual", residual), ("v_sum_images", v_sum_images),
                                      ("u_sum_images", u_sum_images), ("spin_order", spin_order)) if on}
+    if not scf_inputs:
+        options["scf_inputs"] = False
     return {
         "model": {"cutoff": args.cutoff, **SIZES[size]},
         **({"hubbard": options} if options else {}),
@@ -92,16 +95,17 @@ def selected_hyperparameters(evaluation: dict | None, args) -> tuple[str, int, b
     return args.size or "small", args.epochs or 600, bool(residual), "default"
 
 
-def selected_option(evaluation: dict | None, args, key: str) -> bool:
+def selected_option(evaluation: dict | None, args, key: str, default: bool = False) -> bool:
     """A yes/no candidate option (``v_sum_images``: V summed over periodic images; ``spin_order``: the local magnetic
-    order in the site descriptor): the command line, else what the evaluation's validation splits selected most
-    often, else no (what the models before the option did)."""
+    order in the site descriptor; ``scf_inputs``, default yes: U_scf / V_scf in the descriptors): the command line,
+    else what the evaluation's validation splits selected most often, else ``default`` (what the models before the
+    option did)."""
     given = getattr(args, key)
     if given is not None:
         return given == "yes"
-    votes = collections.Counter(bool(e["selection"]["chosen"].get(key, False))
+    votes = collections.Counter(bool(e["selection"]["chosen"].get(key, default))
                                 for e in (evaluation or {}).get("leave_one_material_out", []))
-    return bool(votes and votes.most_common(1)[0][0])
+    return bool(votes.most_common(1)[0][0]) if votes else default
 
 
 def train_in_process(record_path: Path, config: dict, seeds: list[int], work: Path) -> list[Path]:
@@ -214,6 +218,8 @@ def main(argv=None) -> None:
                         help="U plus the site's coupling to its own images (default: what the evaluation selected)")
     parser.add_argument("--spin-order", choices=("yes", "no"), default=None,
                         help="the local magnetic order in the site descriptor (default: what the evaluation selected)")
+    parser.add_argument("--scf-inputs", choices=("yes", "no"), default=None,
+                        help="U_scf / V_scf in the descriptors (default: what the evaluation selected, else yes)")
     parser.add_argument("--hold-out", nargs="+", default=[], metavar="MATERIAL",
                         help="materials left out of training (kept for benchmarks/ml_vs_dfpt.py: held-out materials)")
     parser.add_argument("--cutoff", type=float, default=4.0)
@@ -281,13 +287,16 @@ def main(argv=None) -> None:
     v_sum_images = selected_option(evaluation, args, "v_sum_images")
     spin_order = selected_option(evaluation, args, "spin_order")
     u_sum_images = selected_option(evaluation, args, "u_sum_images")
+    scf_inputs = selected_option(evaluation, args, "scf_inputs", default=True)
     seeds = [args.seed + k for k in range(args.members)]
-    config = training_config(args, size, epochs, len(train_record), residual, v_sum_images, spin_order, u_sum_images)
+    config = training_config(args, size, epochs, len(train_record), residual, v_sum_images, spin_order, u_sum_images,
+                             scf_inputs)
     print(
         f"{len(record)} labels from {len(files)} files, {len(flags)} flagged; training on {len(usable)} "
         f"({sum(r['kind'] == 'U' for r in rows)} U, {sum(r['kind'] == 'V' for r in rows)} V) of {len(materials)} "
         f"materials; {args.members} x {size}/{epochs} epochs, residual {residual} ({source}), V summed over images "
-        f"{v_sum_images}, U summed over images {u_sum_images}, spin order {spin_order}; held out {args.hold_out}",
+        f"{v_sum_images}, U summed over images {u_sum_images}, spin order {spin_order}, scf inputs {scf_inputs}; "
+        f"held out {args.hold_out}",
         flush=True,
     )
 
@@ -357,6 +366,7 @@ def main(argv=None) -> None:
         "residual": residual,
         "v_sum_images": v_sum_images,
         "spin_order": spin_order,
+        "scf_inputs": scf_inputs,
         "u_sum_images": u_sum_images,
         "hyperparameters_from": source,
         "training_config": config,

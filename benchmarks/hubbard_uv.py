@@ -17,12 +17,13 @@ What ``evaluate`` does (functions in ``aiida_eqml.ml.hubbard.evaluation``):
 * **leave one material out**: a material is composition + structure type + magnetic order (``info['material']``,
   e.g. ``NiO-rocksalt-afm2``); each is held out in turn with all its strains and iterations.
 * **model selection** only inside the training materials: candidates (``--residual`` x ``--v-sum-images`` x
-  ``--u-sum-images`` x ``--spin-order`` x ``--sizes`` x ``--epochs``; residual: learn U - U_scf and V - V_scf, the
-  change hp.x makes to the scf's parameters; U summed over images: a site's U holds its coupling to its own periodic
-  images; spin order: the site descriptor carries the local magnetic order) are trained with
-  the first seed on the training materials less a validation split *of materials* (one material, or a strain cell
-  when only one training material exists) and the candidate with the lowest validation MARE (mean of U and V) is
-  retrained on all training materials with every seed (``--seeds``) and scored on the held-out material.
+  ``--u-sum-images`` x ``--spin-order`` x ``--scf-inputs`` x ``--sizes`` x ``--epochs``; residual: learn U - U_scf
+  and V - V_scf, the change hp.x makes to the scf's parameters; U summed over images: a site's U holds its coupling to
+  its own periodic images; spin order: the site descriptor carries the local magnetic order; scf inputs no: the
+  descriptors without U_scf / V_scf) are trained with the first seed on the training materials less a validation
+  split *of materials* (one material, or a strain cell when only one training material exists); for U the
+  candidate with the lowest validation MARE of U, for V the one with the lowest of V, is retrained on all training
+  materials with every seed (``--seeds``) and scored on the held-out material.
 * **reported per held-out material**: MAE and MARE of U and V, mean and spread (std) over seeds, the seed-committee
   errors, and the same numbers for three baselines fitted on the same training materials: per-element mean,
   previous iteration (U_in / V_in: the U / V of the perturbed scf, the paper's baseline) and a per-element straight
@@ -210,9 +211,13 @@ class Trainer:
         self.record = record
         self.args = args
         self.manifold_ls, self.pair_ls = record_manifolds(record)
-        # one descriptor set per --spin-order choice (the site descriptor with or without the local magnetic order)
-        self._descriptors = {order: hubbard_training_dataset(record, self.manifold_ls, self.pair_ls, spin_order=order)
-                             for order in sorted(set(args.spin_order))}
+        # one descriptor set per (--spin-order, --scf-inputs) choice: with or without the local magnetic order, and
+        # with or without the scf's own U / V
+        self._descriptors = {
+            (order, scf): hubbard_training_dataset(record, self.manifold_ls, self.pair_ls, spin_order=order,
+                                                   scf_inputs=scf)
+            for order in sorted(set(args.spin_order)) for scf in sorted(set(args.scf_inputs))
+        }
         self.species = [ase.data.chemical_symbols[z] for z in record.atomic_numbers]
         self.seconds = 0.0
         self.runs = 0
@@ -222,7 +227,8 @@ class Trainer:
         from aiida_eqml.ml.hubbard.training import residual_targets
         from aiida_eqml.ml.training import train
 
-        descriptors, attrs = self._descriptors[bool(candidate.get("spin_order", False))]
+        descriptors, attrs = self._descriptors[(bool(candidate.get("spin_order", False)),
+                                                bool(candidate.get("scf_inputs", True)))]
         subset = descriptors.subset(indices)
         if candidate.get("residual"):
             subset = residual_targets(subset)  # learn U - U_scf (aiida_eqml.ml.hubbard.training)
@@ -245,6 +251,7 @@ class Trainer:
         self.runs += 1
         result.residual = bool(candidate.get("residual"))
         result.spin_order = bool(candidate.get("spin_order", False))
+        result.scf_inputs = bool(candidate.get("scf_inputs", True))
         return result
 
     def predict(self, result, rows) -> dict:
@@ -254,7 +261,7 @@ class Trainer:
         samples = sorted({r["sample"] for r in rows})
         if not samples:
             return {}
-        descriptors = self._descriptors[result.spin_order][0]
+        descriptors = self._descriptors[(result.spin_order, result.scf_inputs)][0]
         out = predict_hubbard(result.model, result.params, descriptors.subset(samples),
                               residual=getattr(result, "residual", False))
         values = {}
@@ -528,9 +535,10 @@ def run_evaluation(args) -> dict:
     if len(usable_materials) < 2:
         raise SystemExit("leave-one-material-out needs at least two materials with usable labels")
     candidates = [{"size": size, "epochs": int(epochs), "residual": residual, "v_sum_images": images,
-                   "u_sum_images": u_images, "spin_order": order}
+                   "u_sum_images": u_images, "spin_order": order, "scf_inputs": scf}
                   for residual in args.residual for images in args.v_sum_images for u_images in args.u_sum_images
-                  for order in args.spin_order for size in args.sizes for epochs in args.epochs]
+                  for order in args.spin_order for scf in args.scf_inputs for size in args.sizes
+                  for epochs in args.epochs]
     seeds = [args.seed + k for k in range(args.seeds)]
     trainer = Trainer(record, args)
 
@@ -658,6 +666,9 @@ def main(argv=None) -> None:
     e.add_argument("--spin-order", nargs="+", type=lambda v: {"yes": True, "no": False}[v], default=[False],
                    metavar="{yes,no}", help="candidate site descriptors: without (no) and/or with (yes) the local "
                                             "magnetic order (aiida_eqml.ml.hubbard.spin_order)")
+    e.add_argument("--scf-inputs", nargs="+", type=lambda v: {"yes": True, "no": False}[v], default=[True],
+                   metavar="{yes,no}", help="candidate descriptors: with (yes) and/or without (no) the U_scf / V_scf "
+                                            "the perturbed scf ran with")
     e.add_argument("--val-fraction", type=float, default=0.25, help="fraction of the training materials for validation")
     e.add_argument("--learning-curve", nargs="+", default=["auto"],
                    help="numbers of training materials, 'auto' (1, 2, 4, ... all) or 'none'")

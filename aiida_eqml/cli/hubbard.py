@@ -3,8 +3,10 @@
     aiida-eqml hubbard run CoO.extxyz --model 1234 --magnetization Co1=3,Co2=-3 --run
 
 Kinds come from the file's ASE tags (``Co`` with tag 1 -> kind ``Co1``); 3d transition metals get U on 3d (start
-``--u-start``), and when the models predict V also V on their nearest O 2p neighbours, unless ``--hubbard`` names the
-manifolds (``--hubbard "Co 3d"``). Each iteration is printed as it completes, then a table of the final values.
+``--u-start``, by default the seeds of the reference label campaign: 3 eV for Ti, 5 eV for the others, so that the
+shipped model's first prediction sees a ground state like the ones it was trained on), and when the models
+predict V also V on their nearest O 2p neighbours, unless ``--hubbard`` names the manifolds (``--hubbard "Co 3d"``).
+Each iteration is printed as it completes, then a table of the final values.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from . import exception_text
 from .local import _load_profile
 
 TRANSITION_METALS_3D = ('Sc', 'Ti', 'V', 'Cr', 'Mn', 'Fe', 'Co', 'Ni', 'Cu', 'Zn')
+#: Starting U (eV) of an element the label campaign has no seed for (``U_START_3D``).
+U_START_DEFAULT = 5.0
 
 
 def _parse_magnetization(text: str | None) -> dict[str, float]:
@@ -65,10 +69,14 @@ def load_models(identifiers: tuple[str, ...]):
     return nodes
 
 
-def build_structure(path: str, hubbard: tuple[str, ...], u_start: float, with_v: bool):
+def build_structure(path: str, hubbard: tuple[str, ...], u_start: float | None, with_v: bool):
+    """``HubbardStructureData`` of ``path``: U on ``hubbard`` (default every 3d TM's 3d) at ``u_start`` (default per
+    element, ``U_START_3D``, else 5 eV) and, ``with_v``, V on the TM-O couples at ``V_START``."""
     import ase.io
     from aiida import orm
     from aiida_quantumespresso.data.hubbard_structure import HubbardStructureData
+
+    from aiida_eqml.local.hubbard_materials import U_START_3D, V_START
 
     try:
         atoms = ase.io.read(path)
@@ -93,12 +101,13 @@ def build_structure(path: str, hubbard: tuple[str, ...], u_start: float, with_v:
     for index, site in enumerate(sites):
         manifold = manifolds.get(site.kind_name, manifolds.get(kinds[site.kind_name]))
         if manifold and not (with_v and kinds[site.kind_name] == 'O'):
-            structure.append_hubbard_parameter(index, manifold, index, manifold, u_start, (0, 0, 0), 'U')
+            start = u_start if u_start is not None else U_START_3D.get(kinds[site.kind_name], U_START_DEFAULT)
+            structure.append_hubbard_parameter(index, manifold, index, manifold, start, (0, 0, 0), 'U')
     if with_v and 'O' in kinds.values():
         for kind, symbol in kinds.items():
             if symbol in manifolds or kind in manifolds:
                 structure.initialize_intersites_hubbard(kind, manifolds.get(kind, manifolds.get(symbol)), 'O', '2p',
-                                                        1.0, 'V', use_kinds=True)
+                                                        V_START, 'V', use_kinds=True)
     return structure
 
 
@@ -189,7 +198,8 @@ def hubbard():
               help="aiida-hubbard's protocol names: the convergence tolerances.")
 @click.option('--hubbard', 'hubbard_manifolds', multiple=True, help='"KIND MANIFOLD" that gets U, e.g. "Ni 3d".')
 @click.option('--magnetization', default=None, help='Starting moments (Bohr magneton) per kind: Ni1=2,Ni2=-2.')
-@click.option('--u-start', type=click.FloatRange(min=0.0), default=5.0, show_default=True, help='Starting U (eV).')
+@click.option('--u-start', type=click.FloatRange(min=0.0), default=None,
+              help="Starting U (eV) of every site [default: the label campaign's seeds, Ti 3, others 5].")
 @click.option('--hp/--no-hp', 'use_hp', default=True, show_default=True,
               help='hp.x for the uncertainty fallback and --validate (needs the hp.x code).')
 @click.option('--validate', is_flag=True, help='One hp.x at the converged point: ML vs DFPT per parameter.')

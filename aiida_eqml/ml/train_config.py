@@ -43,8 +43,10 @@ DEFAULT_TRAINING_CONFIG: dict[str, Any] = {
     # Hubbard records only (aiida_eqml.ml.hubbard.training): "residual": learn U - U_scf and V - V_scf;
     # "v_sum_images": V of a couple is the V head summed over its periodic images (what hp.x at q = Gamma gives);
     # "u_sum_images": U of a site adds an edge head summed over its edges to its own periodic images;
-    # "spin_order": the site descriptor ends with the local magnetic order (aiida_eqml.ml.hubbard.spin_order)
-    "hubbard": {"residual": False, "v_sum_images": False, "u_sum_images": False, "spin_order": False},
+    # "spin_order": the site descriptor ends with the local magnetic order (aiida_eqml.ml.hubbard.spin_order);
+    # "scf_inputs": the descriptors carry the U / V the scf ran with (False: those slots are zero)
+    "hubbard": {"residual": False, "v_sum_images": False, "u_sum_images": False, "spin_order": False,
+                "scf_inputs": True},
 }
 
 

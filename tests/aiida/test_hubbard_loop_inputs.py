@@ -70,3 +70,22 @@ def test_cli_refuses_out_of_range_options(aiida_profile, tmp_path, option, value
     assert result.exit_code == 2, result.output  # click's usage error
     assert option in result.output and value in result.output, result.output
     assert orm.QueryBuilder().append(orm.Node).count() == before
+
+
+def test_cli_structures_start_from_the_label_campaigns_seeds(aiida_profile):
+    """``aiida-eqml hubbard run`` without ``--u-start`` seeds each element's U as the reference labels were seeded
+    (Ti 3 eV, Mn-Ni 5 eV: the shipped model's first prediction then reads a ground state like its training ones),
+    V at V_START on one TM-O couple per kind; ``--u-start`` sets every site."""
+    from pathlib import Path
+
+    from aiida_eqml.cli.hubbard import build_structure
+    from aiida_eqml.local.hubbard_materials import U_START_3D, V_START
+
+    examples = Path(__file__).resolve().parents[2] / 'examples' / 'structures'
+    titanate = build_structure(str(examples / 'SrTiO3_perovskite.extxyz'), (), None, True).hubbard.to_list()
+    assert [p[4] for p in titanate if p[6] == 'U'] == [U_START_3D['Ti']] == [3.0]
+    assert [(p[1], p[3], p[4]) for p in titanate if p[6] == 'V'] == [('3d', '2p', V_START)]
+    cobalt = build_structure(str(examples / 'CoO_afm2.extxyz'), (), None, False).hubbard.to_list()
+    assert [p[4] for p in cobalt] == [5.0, 5.0] and not any(p[6] == 'V' for p in cobalt)
+    given = build_structure(str(examples / 'CoO_afm2.extxyz'), (), 4.2, False).hubbard.to_list()
+    assert [p[4] for p in given] == [4.2, 4.2]

@@ -85,9 +85,10 @@ def test_the_training_config_knows_the_hubbard_section():
     from aiida_eqml.ml.train_config import training_config
 
     assert training_config({"hubbard": {"residual": True}})["hubbard"] == {
-        "residual": True, "v_sum_images": False, "u_sum_images": False, "spin_order": False}
+        "residual": True, "v_sum_images": False, "u_sum_images": False, "spin_order": False,
+        "scf_inputs": True}
     assert training_config({})["hubbard"] == {"residual": False, "v_sum_images": False, "u_sum_images": False,
-                                              "spin_order": False}
+                                              "spin_order": False, "scf_inputs": True}
     assert training_config({"hubbard": {"u_sum_images": True}})["hubbard"]["u_sum_images"] is True
     assert training_config({"hubbard": {"spin_order": True}})["hubbard"]["spin_order"] is True
     assert training_config({"hubbard": {"v_sum_images": True}})["hubbard"]["v_sum_images"] is True

@@ -137,7 +137,8 @@ def _descriptor_dataset(record: Dataset, group) -> Dataset:
     manifold_ls, pair_ls = descriptor_slots(record, stored, with_pairs=PAIR_ATTR in group.edge_attrs)
     try:
         dataset, attrs = hubbard_training_dataset(record, manifold_ls, pair_ls,
-                                                  spin_order=bool(stored.get("spin_order")))
+                                                  spin_order=bool(stored.get("spin_order")),
+                                                  scf_inputs=bool(stored.get("scf_inputs", True)))
     except ValueError as exc:
         raise PredictionError(
             f"the occupations cannot be read as this model's descriptors: {exc}", f"node_attrs.{SITE_ATTR}"

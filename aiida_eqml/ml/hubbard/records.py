@@ -278,14 +278,18 @@ def hubbard_training_dataset(
     pair_ls: Sequence[tuple[int, int]] | None = None,
     max_l: int = 4,
     spin_order: bool = False,
+    scf_inputs: bool = True,
 ) -> tuple[Dataset, dict[str, dict[str, str]]]:
     """Record -> ``(dataset with descriptor attributes, {"node_attrs": ..., "edge_attrs": ...})``.
 
     The second item is the irreps to put in the model config (``config["node_attrs"]`` /
     ``config["edge_attrs"]``). ``manifold_ls`` / ``pair_ls`` default to those in the record; pass
     them explicitly so that a model trained on one record reads another one. ``spin_order``: the site descriptor
-    ends with each site's local magnetic order (:mod:`aiida_eqml.ml.hubbard.spin_order`). Raw attributes and
-    targets are kept (the model only reads what its config names).
+    ends with each site's local magnetic order (:mod:`aiida_eqml.ml.hubbard.spin_order`). ``scf_inputs=False``:
+    the U_scf / V_scf slots are zero, so the model reads the ground state only through its occupations (the
+    parameters the scf ran with are the previous iteration's output, which a model would otherwise learn to copy:
+    docs/hubbard.md, "The scf's own U and V as inputs"). Raw attributes and targets are kept (the model only reads
+    what its config names).
     """
     from .spin_order import spin_order as local_spin_order
 
@@ -302,7 +306,7 @@ def hubbard_training_dataset(
             site_features(
                 s.node_attrs["occupations"],
                 s.node_attrs["hubbard_l"],
-                s.node_attrs["hubbard_u_scf"],
+                s.node_attrs["hubbard_u_scf"] if scf_inputs else np.zeros_like(s.node_attrs["hubbard_u_scf"]),
                 manifold_ls,
                 max_l,
                 local_spin_order(s.numbers, s.positions, s.cell, s.pbc, s.node_attrs["occupations"],
@@ -316,7 +320,8 @@ def hubbard_training_dataset(
             if "intersite_occupations" in s.edge_attrs:
                 occ, v_scf = s.edge_attrs["intersite_occupations"], s.edge_attrs["hubbard_v_scf"]
                 keys = occ.keys
-                features = pair_features(occ.values, hubbard_l[keys[:, :2]], v_scf.values, pair_ls, max_l).array
+                v_in = v_scf.values if scf_inputs else np.zeros_like(v_scf.values)
+                features = pair_features(occ.values, hubbard_l[keys[:, :2]], v_in, pair_ls, max_l).array
             else:  # a U-only sample read by a U+V model: no couple carries a descriptor
                 keys, features = np.zeros((0, 5), np.int64), np.zeros((0, pair_attr_irreps(pair_ls, max_l).dim))
             edge_attrs[PAIR_ATTR] = EdgeValues(keys=keys, values=np.asarray(features, dtype=np.float64))

@@ -142,15 +142,17 @@ def prepare_hubbard_training(
     if unknown:
         raise ValueError(f"unknown hubbard training keys {sorted(unknown)}; known: {list(HUBBARD_TRAINING_KEYS)}")
     flags = {}
-    for key in ("residual", "spin_order"):  # descriptor / target choices a fine-tuned model inherits
-        flags[key] = bool(options.get(key, False) if parent_metadata is None else parent_slots.get(key, False))
+    # descriptor / target choices a fine-tuned model inherits, with their defaults (that of a model file without them)
+    for key, default in (("residual", False), ("spin_order", False), ("scf_inputs", True)):
+        flags[key] = bool(options.get(key, default) if parent_metadata is None else parent_slots.get(key, default))
         if parent_metadata is not None and key in options and bool(options[key]) != flags[key]:
             raise ValueError(
                 f"hubbard.{key}: {options[key]!r}, but the parent model was trained with {flags[key]!r}"
             )
-    residual, spin_order = flags["residual"], flags["spin_order"]
+    residual, spin_order, scf_inputs = flags["residual"], flags["spin_order"], flags["scf_inputs"]
     manifold_ls, pair_ls = descriptor_slots(record, parent_slots)
-    dataset, attrs = hubbard_training_dataset(record, manifold_ls, pair_ls, spin_order=spin_order)
+    dataset, attrs = hubbard_training_dataset(record, manifold_ls, pair_ls, spin_order=spin_order,
+                                              scf_inputs=scf_inputs)
     if residual:
         dataset = residual_targets(dataset)
     model = dict(config.get("model") or {})
@@ -185,4 +187,6 @@ def prepare_hubbard_training(
         slots["residual"] = True  # absent (not False) otherwise: the metadata of earlier models stays as it was
     if spin_order:
         slots["spin_order"] = True  # likewise: the site descriptor ends with the local magnetic order
+    if not scf_inputs:
+        slots["scf_inputs"] = False  # likewise (absent: True): the U_scf / V_scf slots are zero
     return dataset, config, slots
