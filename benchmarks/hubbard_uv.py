@@ -335,6 +335,19 @@ def pooled_summary(entries, held_out_rows, n_seeds) -> dict:
         summary[f"mare_{low}_best_baseline"] = min(finite.values()) if finite else None
         summary[f"best_baseline_{low}"] = min(finite, key=finite.get) if finite else None
         summary[f"n_held_out_{low}"] = len(sel)
+    # The first iteration's labels only: their scf ran with the campaign's seeds, so U_scf / V_scf say nothing
+    # about the label there. From the second iteration on U_scf is the previous label, which a model reading it
+    # can follow on the DFPT loop's ground states but not in the ML loop, where U_scf is its own last prediction.
+    first = [r for r in held_out_rows if r.get("iteration") == 1]
+    summary["first_iteration"] = {
+        f"{name}_mare_{low}": pooled_errors(first, field)[kind]["mare"]
+        for name, field in (("model", "pred"), ("element_mean", "baseline_element_mean"),
+                            ("previous_iteration", "baseline_previous_iteration"),
+                            ("occupation_linear", "baseline_occupation_linear"))
+        for kind, low in (("U", "u"), ("V", "v"))
+    }
+    summary["first_iteration"].update({"n_u": sum(r["kind"] == "U" for r in first),
+                                       "n_v": sum(r["kind"] == "V" for r in first)})
     summary["material_mean_mare_u"] = _stats([e["mare_u"] for e in entries])[0]
     summary["material_mean_mare_v"] = _stats([e["mare_v"] for e in entries])[0]
     return summary

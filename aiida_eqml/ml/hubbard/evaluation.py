@@ -9,7 +9,8 @@ A *label table* is a list of rows, one per scored hp.x number::
     {"kind": "U" | "V", "sample": index in the record, "key": (atom,) | (i, j, S1, S2, S3), "material": str,
      "group": element ("Ni") for U, unordered element pair ("Ni-O") for V, "truth": eV (hp.x),
      "scf": eV (the U / V the perturbed scf used: the previous iteration's value), "trace": tr n (on-site
-     occupation summed over spins; for V the sum over the two sites)}
+     occupation summed over spins; for V the sum over the two sites), "iteration": the self-consistent iteration of
+     the label (``info['iteration']``; None when unknown)}
 
 Only samples whose scf passes :func:`aiida_eqml.ml.hubbard.records.hubbard_label_issues` give rows: the others stay
 in the record, flagged (:func:`label_flags`), and are neither trained on nor scored.
@@ -100,6 +101,9 @@ def label_table(record, indices: Iterable[int] | None = None, flags: Mapping[int
             continue
         s = record.samples[index]
         material = material_of(s)
+        # the self-consistent iteration (1: the scf ran with the campaign's seeds, not with a previous label)
+        iteration = s.info.get("iteration")
+        iteration = int(iteration) if iteration is not None else None
         symbols = [ase.data.chemical_symbols[z] for z in s.numbers]
         occ = s.node_attrs["occupations"]
         u_scf = np.asarray(s.node_attrs["hubbard_u_scf"], float).reshape(-1)
@@ -108,7 +112,7 @@ def label_table(record, indices: Iterable[int] | None = None, flags: Mapping[int
             for atom in np.flatnonzero(np.isfinite(u)):
                 rows.append({"kind": "U", "sample": int(index), "key": (int(atom),), "material": material,
                              "group": symbols[atom], "truth": float(u[atom]), "scf": float(u_scf[atom]),
-                             "trace": _trace(occ, atom)})
+                             "trace": _trace(occ, atom), "iteration": iteration})
         if "hubbard_v" in s.edge_targets:
             target = s.edge_targets["hubbard_v"]
             scf = {}
@@ -126,7 +130,8 @@ def label_table(record, indices: Iterable[int] | None = None, flags: Mapping[int
                 rows.append({"kind": "V", "sample": int(index), "key": key, "material": material,
                              "group": "-".join(sorted((symbols[i], symbols[j]))), "truth": float(value),
                              # a couple the scf did not carry had V = 0 in it
-                             "scf": scf.get(key, 0.0), "trace": _trace(occ, i) + _trace(occ, j)})
+                             "scf": scf.get(key, 0.0), "trace": _trace(occ, i) + _trace(occ, j),
+                             "iteration": iteration})
     return rows
 
 
