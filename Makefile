@@ -1,6 +1,6 @@
 # aiida-eqml: two commands for a fresh machine (see README.md).
 #   make demo   (a) environment + `aiida-eqml local setup` + daemon + the ML self-consistent DFT+U+V loop
-#               (eqml.hubbard.self_consistent) on rutile TiO2 with the shipped hubbard-tmo model, validated by hp.x
+#               (eqml.hubbard.self_consistent) on cubic SrTiO3 with the shipped hubbard-tmo model, validated by hp.x
 #   make test   (b) environment + the whole test suite (what .ci/run runs)
 # Everything lands in the git-ignored .venv of the repo and in ~/.aiida-eqml (the QE virtualenv).
 
@@ -31,7 +31,7 @@ setup: venv
 # iteration, the final table and the hp.x validation at the converged point).
 demo: setup
 	@$(BIN)/verdi daemon status >/dev/null 2>&1 || $(BIN)/verdi daemon start 1
-	$(BIN)/aiida-eqml hubbard run examples/structures/TiO2_rutile.extxyz --model hubbard-tmo --validate --submit
+	$(BIN)/aiida-eqml hubbard run examples/structures/SrTiO3_perovskite.extxyz --model hubbard-tmo --validate --submit
 
 # aiida-hubbard's own DFPT loop (scf -> hp.x) on AFM NiO at the cheap test cutoffs.
 demo-dfpt: setup
