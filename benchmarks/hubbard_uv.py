@@ -54,117 +54,16 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hubbard_uv_harvest import harvest  # noqa: E402
+from hubbard_uv_plots import learning_curve_plot, parity_plot  # noqa: E402
+from hubbard_uv_scores import _baselines, _score, _stats, pooled_summary  # noqa: E402
+from hubbard_uv_trainer import SIZES, Trainer  # noqa: E402,F401 (SIZES: hubbard_reference_model.py reads it here)
+
 ROOT = Path(__file__).resolve().parents[1]
 CAMPAIGN = ROOT / "benchmarks" / "data" / "hubbard_campaign"
 LABELS = ROOT / "docs" / "benchmarks" / "hubbard_labels.npz"
 RESULTS = ROOT / "docs" / "benchmarks" / "hubbard_uv.json"
-
-#: Model sizes among which the selection picks (``--sizes``); overrides of ``SMALL_HUBBARD_CONFIG``.
-SIZES = {
-    "tiny": {
-        "num_layers": 1,
-        "hidden_irreps": "8x0e + 2x1o + 2x1e + 2x2e",
-        "radial_hidden": [8, 8],
-        "readout_product_mul": 2,
-    },
-    "small": {},
-    "medium": {
-        "hidden_irreps": "32x0e + 8x1o + 8x1e + 8x2e + 4x2o",
-        "radial_hidden": [32, 32],
-        "readout_product_mul": 8,
-    },
-}
-
-
-# ============================================================================ harvest (AiiDA)
-def _rocksalt_a(structure) -> float:
-    """Cubic rock-salt lattice constant from the volume: 4 formula units per a^3."""
-    n_formula = len(structure.sites) / 2
-    return float((4.0 * structure.get_cell_volume() / n_formula) ** (1.0 / 3.0))
-
-
-def _existing_occupations(retrieved):
-    """The ``eqml.occupations`` already extracted from this retrieved folder (re-running reuses it)."""
-    from aiida.orm import CalcFunctionNode
-
-    for link in retrieved.base.links.get_outgoing(node_class=CalcFunctionNode).all():
-        node = link.node
-        if node.process_label == "extract_occupations" and node.is_finished_ok:
-            return node.outputs.occupations
-    return None
-
-
-def scf_diagnostics(scf) -> dict:
-    """Scalars of the pw.x scf that hp.x perturbed (``aiida_eqml.calculations.functions.harvest.scf_diagnostics``)."""
-    from aiida_eqml.calculations.functions.harvest import scf_diagnostics as diagnostics
-
-    try:
-        mesh = [int(x) for x in scf.inputs.kpoints.get_kpoints_mesh()[0]]
-    except AttributeError:
-        mesh = None
-    return {
-        "scf_pk": scf.pk,
-        "kpoints_mesh": mesh,
-        **diagnostics(
-            scf.inputs.parameters.get_dict(), scf.outputs.output_parameters.get_dict(), scf.outputs.output_band
-        ),
-    }
-
-
-def harvest(profile: str, output: Path) -> None:
-    """The older strain-path record (``docs/benchmarks/hubbard_labels.npz``) from the dev profile's loops. The
-    campaign's labels are exported per cell by ``benchmarks/hubbard_campaign.py`` instead."""
-    from aiida import load_profile, orm
-
-    load_profile(profile)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from hubbard_labels_generate import A0
-
-    from aiida_eqml.calculations.functions.harvest import harvest_hubbard_labels
-    from aiida_eqml.calculations.functions.occupations import extract_occupations
-    from aiida_eqml.workflows.labels.hubbard import HubbardLabelsWorkChain
-
-    query = orm.QueryBuilder().append(
-        orm.WorkChainNode, filters={"attributes.process_label": "SelfConsistentHubbardWorkChain"}, project="*"
-    )
-    labels, rows, diagnostics = {}, [], {}
-    for (loop,) in sorted(query.all(), key=lambda row: row[0].pk):
-        for iteration, hp_node in HubbardLabelsWorkChain.finished_hp_iterations(loop):
-            scf = hp_node.inputs.hp.parent_scf.creator
-            structure = scf.inputs.structure
-            occupations = _existing_occupations(scf.outputs.retrieved)
-            if occupations is None:
-                result, node = extract_occupations.run_get_node(retrieved=scf.outputs.retrieved, structure=structure)
-                if not node.is_finished_ok:
-                    print(f"skip loop {loop.pk} iteration {iteration}: {node.exit_message}", file=sys.stderr)
-                    continue
-                occupations = result["occupations"]
-            tm = next(kind.symbol for kind in structure.kinds if kind.symbol != "O")
-            order = "afm" if len(structure.sites) == 4 else "fm"
-            key = f"{tm}O_{order}_a{round(_rocksalt_a(structure) * 1000):d}_pk{loop.pk}_iter{iteration:02d}"
-            labels[f"{key}_structure"] = structure
-            labels[f"{key}_occupations"] = occupations
-            labels[f"{key}_hubbard"] = hp_node.outputs.hubbard_structure
-            diagnostics[key] = scf_diagnostics(scf)
-            rows.append((key, loop.pk, iteration))
-    if not labels:
-        raise SystemExit("no finished hp.x iteration in this profile")
-    node = harvest_hubbard_labels(**labels)
-    dataset = node.get_dataset()
-    for sample in dataset.samples:
-        name = sample.info["name"]
-        tm, order, a_milli, pk, iteration = name.split("_")
-        element = tm[:-1]
-        a = int(a_milli[1:]) / 1000.0
-        sample.info.update(
-            {"element": element, "order": order, "a": a, "strain": round(a / A0[element], 3),
-             "loop_pk": int(pk[2:]), "iteration": int(iteration[4:]), "dataset_node_uuid": node.uuid,
-             **diagnostics[name]}
-        )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    dataset.save(output)
-    print(f"{len(dataset)} hp.x labels from {len({r[1] for r in rows})} loops -> {output} (eqml.dataset pk {node.pk})")
-
 
 # ============================================================================ labels
 def load_labels(paths) -> tuple:
@@ -193,167 +92,12 @@ def git_commit() -> str:
         ).stdout.strip()
         # the code that makes the numbers; not the shipped reference models, which hubbard_reference_model.py
         # writes into aiida_eqml/ml/hubbard/reference/ itself (a retrained model would mark its own commit dirty)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "benchmarks/hubbard_uv.py", "aiida_eqml/ml",
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "benchmarks/hubbard_uv*.py", "aiida_eqml/ml",
                                 ":(exclude)aiida_eqml/ml/hubbard/reference"],
                                cwd=ROOT, capture_output=True, text=True).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-# ============================================================================ training (pure ML)
-class Trainer:
-    """Trains one model on a subset of the usable samples and predicts U / V rows of others. Descriptors are built
-    once for the whole record with fixed slots, so every split reads the occupations the same way."""
-
-    def __init__(self, record, args):
-        import ase.data
-
-        from aiida_eqml.ml.hubbard.records import hubbard_training_dataset, record_manifolds
-
-        self.record = record
-        self.args = args
-        self.manifold_ls, self.pair_ls = record_manifolds(record)
-        # one descriptor set per (--spin-order, --scf-inputs) choice: with or without the local magnetic order, and
-        # with or without the scf's own U / V
-        self._descriptors = {
-            (order, scf): hubbard_training_dataset(record, self.manifold_ls, self.pair_ls, spin_order=order,
-                                                   scf_inputs=scf)
-            for order in sorted(set(args.spin_order)) for scf in sorted(set(args.scf_inputs))
-        }
-        self.species = [ase.data.chemical_symbols[z] for z in record.atomic_numbers]
-        self.seconds = 0.0
-        self.runs = 0
-
-    def fit(self, indices, candidate: dict, seed: int):
-        from aiida_eqml.ml.hubbard.models import hubbard_model_config
-        from aiida_eqml.ml.hubbard.training import residual_targets
-        from aiida_eqml.ml.training import train
-
-        descriptors, attrs = self._descriptors[(bool(candidate.get("spin_order", False)),
-                                                bool(candidate.get("scf_inputs", True)))]
-        subset = descriptors.subset(indices)
-        if candidate.get("residual"):
-            subset = residual_targets(subset)  # learn U - U_scf (aiida_eqml.ml.hubbard.training)
-        has_v = any("hubbard_v" in s.edge_targets and np.isfinite(s.edge_targets["hubbard_v"].values).any()
-                    for s in subset.samples)
-        model = hubbard_model_config(self.species, attrs, cutoff=self.args.cutoff, predict_u=True,
-                                     predict_v=has_v and bool(self.pair_ls),
-                                     v_sum_images=bool(candidate.get("v_sum_images")),
-                                     u_sum_images=bool(candidate.get("u_sum_images")), **SIZES[candidate["size"]])
-        config = {
-            "model": model, "epochs": int(candidate["epochs"]), "batch_size": min(self.args.batch_size, len(subset)),
-            "split": {"train": list(range(len(subset))), "val": [], "test": []}, "seed": int(seed),
-            "optimizer": {"learning_rate": self.args.learning_rate, "schedule": "cosine", "decay_rate": 0.02,
-                          "warmup_epochs": min(10, max(0, int(candidate["epochs"]) // 10))},
-            "early_stopping": {"patience": 0}, "progress": False,
-        }
-        t0 = time.time()
-        result = train(subset, config, None)
-        self.seconds += time.time() - t0
-        self.runs += 1
-        result.residual = bool(candidate.get("residual"))
-        result.spin_order = bool(candidate.get("spin_order", False))
-        result.scf_inputs = bool(candidate.get("scf_inputs", True))
-        return result
-
-    def predict(self, result, rows) -> dict:
-        """``{(sample, kind, key): prediction}`` for the rows."""
-        from aiida_eqml.ml.hubbard.models import predict_hubbard
-
-        samples = sorted({r["sample"] for r in rows})
-        if not samples:
-            return {}
-        descriptors = self._descriptors[(result.spin_order, result.scf_inputs)][0]
-        out = predict_hubbard(result.model, result.params, descriptors.subset(samples),
-                              residual=getattr(result, "residual", False))
-        values = {}
-        for index, entry in zip(samples, out):
-            if "hubbard_u" in entry:
-                for atom, value in enumerate(np.asarray(entry["hubbard_u"]).reshape(-1)):
-                    values[(index, "U", (atom,))] = float(value)
-            if "hubbard_v" in entry:
-                keys, v = entry["hubbard_v"]
-                for key, value in zip(np.asarray(keys).tolist(), np.asarray(v).reshape(-1)):
-                    values[(index, "V", tuple(int(x) for x in key))] = float(value)
-        return {
-            (r["sample"], r["kind"], r["key"]): values.get((r["sample"], r["kind"], r["key"]), float("nan"))
-            for r in rows
-        }
-
-
-def _score(rows, predictions) -> dict:
-    from aiida_eqml.ml.hubbard.evaluation import errors
-
-    out = {}
-    for kind in ("U", "V"):
-        sel = [r for r in rows if r["kind"] == kind]
-        out[kind] = errors([r["truth"] for r in sel], [predictions[(r["sample"], r["kind"], r["key"])] for r in sel])
-    return out
-
-
-def _baselines(train_rows, test_rows) -> dict:
-    from aiida_eqml.ml.hubbard.evaluation import BASELINES, pooled_errors
-
-    out = {}
-    for name, make in BASELINES.items():
-        predict = make(train_rows)
-        for r in test_rows:
-            r[f"baseline_{name}"] = predict(r)
-        pooled = pooled_errors(test_rows, f"baseline_{name}")
-        out[name] = {"mae_u": pooled["U"]["mae"], "mare_u": pooled["U"]["mare"],
-                     "mae_v": pooled["V"]["mae"], "mare_v": pooled["V"]["mare"]}
-    return out
-
-
-def _stats(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return float(np.mean(values)), float(np.std(values))
-
-
-def pooled_summary(entries, held_out_rows, n_seeds) -> dict:
-    """MAREs pooled over every held-out label of ``entries``; seed spread of the pooled MARE from the per-seed
-    pooled errors; baselines on the same labels."""
-    from aiida_eqml.ml.hubbard.evaluation import pooled_errors
-
-    summary = {"materials": [e["material"] for e in entries]}
-    for kind, low in (("U", "u"), ("V", "v")):
-        sel = [r for r in held_out_rows if r["kind"] == kind]
-        per_seed = []
-        for k in range(n_seeds):
-            # per-material per-seed MAREs weighted by label counts = the pooled per-seed MARE
-            num = sum(e["per_seed_scores"][k][kind]["mare"] * e["per_seed_scores"][k][kind]["n"]
-                      for e in entries if e["per_seed_scores"][k][kind]["n"])
-            den = sum(e["per_seed_scores"][k][kind]["n"] for e in entries)
-            per_seed.append(num / den if den else None)
-        summary[f"mare_{low}"], summary[f"mare_{low}_std"] = _stats(per_seed)
-        summary[f"committee_mare_{low}"] = pooled_errors(held_out_rows, "pred")[kind]["mare"]
-        summary[f"mae_{low}_committee"] = pooled_errors(held_out_rows, "pred")[kind]["mae"]
-        baselines = {name: pooled_errors(held_out_rows, f"baseline_{name}")[kind]["mare"] for name in
-                     ("element_mean", "previous_iteration", "occupation_linear")} if sel else {}
-        summary[f"baselines_mare_{low}"] = baselines
-        finite = {k: v for k, v in baselines.items() if v is not None}
-        summary[f"mare_{low}_best_baseline"] = min(finite.values()) if finite else None
-        summary[f"best_baseline_{low}"] = min(finite, key=finite.get) if finite else None
-        summary[f"n_held_out_{low}"] = len(sel)
-    # The first iteration's labels only: their scf ran with the campaign's seeds, so U_scf / V_scf say nothing
-    # about the label there. From the second iteration on U_scf is the previous label, which a model reading it
-    # can follow on the DFPT loop's ground states but not in the ML loop, where U_scf is its own last prediction.
-    first = [r for r in held_out_rows if r.get("iteration") == 1]
-    summary["first_iteration"] = {
-        f"{name}_mare_{low}": pooled_errors(first, field)[kind]["mare"]
-        for name, field in (("model", "pred"), ("element_mean", "baseline_element_mean"),
-                            ("previous_iteration", "baseline_previous_iteration"),
-                            ("occupation_linear", "baseline_occupation_linear"))
-        for kind, low in (("U", "u"), ("V", "v"))
-    }
-    summary["first_iteration"].update({"n_u": sum(r["kind"] == "U" for r in first),
-                                       "n_v": sum(r["kind"] == "V" for r in first)})
-    summary["material_mean_mare_u"] = _stats([e["mare_u"] for e in entries])[0]
-    summary["material_mean_mare_v"] = _stats([e["mare_v"] for e in entries])[0]
-    return summary
 
 
 def evaluate_material(trainer, split, flags, candidates, seeds, args) -> tuple[dict, list[dict]]:
@@ -467,63 +211,6 @@ def learning_curve(trainer, splits, flags, chosen, sizes, args) -> list[dict]:
 
 
 # ============================================================================ plots
-def parity_plot(rows, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kinds = [k for k in ("U", "V") if any(r["kind"] == k for r in rows)]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 5), squeeze=False)
-    materials = sorted({r["material"] for r in rows})
-    colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(materials)}
-    for ax, kind in zip(axes[0], kinds):
-        sel = [r for r in rows if r["kind"] == kind]
-        for m in materials:
-            pts = [r for r in sel if r["material"] == m]
-            if pts:
-                ax.errorbar([r["truth"] for r in pts], [r["pred"] for r in pts], yerr=[r["pred_std"] for r in pts],
-                            fmt="o", ms=4, color=colors[m], label=m, alpha=0.85)
-        values = [r[k] for r in sel for k in ("truth", "pred") if np.isfinite(r[k])]
-        lo, hi = min(values) - 0.2, max(values) + 0.2
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-        ax.set_xlim(lo, hi), ax.set_ylim(lo, hi)
-        ax.set_xlabel(f"{kind} from hp.x (eV)")
-        ax.set_ylabel(f"{kind} predicted, held-out material (seed mean +- std, eV)")
-        ax.set_title(f"{title}: {kind}")
-        ax.legend(fontsize=6, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
-def learning_curve_plot(points, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kinds = [k for k in ("u", "v") if any(p["model"][f"mare_{k}"] is not None for p in points)]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 4), squeeze=False)
-    x = [p["n_train_materials"] for p in points]
-    for ax, kind in zip(axes[0], kinds):
-        for name, style in (
-            ("model", "o-"),
-            ("element_mean", "s--"),
-            ("occupation_linear", "^--"),
-            ("previous_iteration", "v:"),
-        ):
-            y = [100 * p[name][f"mare_{kind}"] if p[name][f"mare_{kind}"] is not None else np.nan for p in points]
-            ax.plot(x, y, style, label=name)
-        ax.set_xlabel("training materials")
-        ax.set_ylabel(f"MARE {kind.upper()} on the held-out material (%)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
-# ============================================================================ evaluate
 def run_evaluation(args) -> dict:
     from aiida_eqml.ml.hubbard.evaluation import label_flags, label_table, material_of, material_splits
     from aiida_eqml.ml.hubbard.protocol import record_protocol
