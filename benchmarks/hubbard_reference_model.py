@@ -39,7 +39,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from hubbard_reference_aiida import train_with_aiida, write_archive  # noqa: E402
-from hubbard_uv import ROOT, SIZES, git_commit, load_labels  # noqa: E402
+from hubbard_uv import ROOT, git_commit, load_labels  # noqa: E402
+from hubbard_uv_trainer import SIZES  # noqa: E402
 
 DEFAULT_OUT = ROOT / "aiida_eqml" / "ml" / "hubbard" / "reference" / "hubbard-tmo"
 

@@ -57,8 +57,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hubbard_uv_harvest import harvest  # noqa: E402
 from hubbard_uv_plots import learning_curve_plot, parity_plot  # noqa: E402
-from hubbard_uv_scores import _baselines, _score, _stats, pooled_summary  # noqa: E402
-from hubbard_uv_trainer import SIZES, Trainer  # noqa: E402,F401 (SIZES: hubbard_reference_model.py reads it here)
+from hubbard_uv_scores import mean_std, pooled_summary, score_baselines, score_rows  # noqa: E402
+from hubbard_uv_trainer import SIZES, Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CAMPAIGN = ROOT / "benchmarks" / "data" / "hubbard_campaign"
@@ -114,7 +114,7 @@ def evaluate_material(trainer, split, flags, candidates, seeds, args) -> tuple[d
         val_rows = label_table(record, val, flags)
         for candidate in candidates:
             result = trainer.fit(fit, candidate, seeds[0])
-            score = _score(val_rows, trainer.predict(result, val_rows))
+            score = score_rows(val_rows, trainer.predict(result, val_rows))
             selection["candidates"].append(
                 {
                     **candidate,
@@ -138,13 +138,13 @@ def evaluate_material(trainer, split, flags, candidates, seeds, args) -> tuple[d
         predictions = {}
         for kind in ("U", "V"):
             predictions.update(trainer.predict(fits[chosen[kind]], [r for r in test_rows if r["kind"] == kind]))
-        per_seed.append(_score(test_rows, predictions))
+        per_seed.append(score_rows(test_rows, predictions))
         for key, value in predictions.items():
             committee.setdefault(key, []).append(value)
     for r in test_rows:
         values = committee[(r["sample"], r["kind"], r["key"])]
         r["pred"], r["pred_std"] = float(np.mean(values)), float(np.std(values))
-    committee_score = _score(test_rows, {k: float(np.mean(v)) for k, v in committee.items()})
+    committee_score = score_rows(test_rows, {k: float(np.mean(v)) for k, v in committee.items()})
 
     train_elements = {r["group"] for r in train_rows}
     entry = {"material": material, "n_test": len(split["test"]),
@@ -154,13 +154,13 @@ def evaluate_material(trainer, split, flags, candidates, seeds, args) -> tuple[d
              "unseen_species": unseen_species(record, split["train"], split["test"])}
     for kind, low in (("U", "u"), ("V", "v")):
         for metric in ("mae", "mare"):
-            mean, std = _stats([s[kind][metric] for s in per_seed])
+            mean, std = mean_std([s[kind][metric] for s in per_seed])
             entry[f"{metric}_{low}"], entry[f"{metric}_{low}_std"] = mean, std
         entry[f"committee_mae_{low}"] = committee_score[kind]["mae"]
         entry[f"committee_mare_{low}"] = committee_score[kind]["mare"]
     entry["per_seed"] = [{"seed": s, **{f"{m}_{k.lower()}": sc[k][m] for k in ("U", "V") for m in ("mae", "mare")}}
                          for s, sc in zip(seeds, per_seed)]
-    entry["baselines"] = _baselines(train_rows, test_rows)
+    entry["baselines"] = score_baselines(train_rows, test_rows)
     entry["selection"] = selection
     entry["per_seed_scores"] = per_seed  # pooled over materials in the summary
     return entry, test_rows
@@ -193,7 +193,7 @@ def learning_curve(trainer, splits, flags, chosen, sizes, args) -> list[dict]:
             predictions = trainer.predict(result, test_rows)
             for r in test_rows:
                 r["pred"] = predictions[(r["sample"], r["kind"], r["key"])]
-            _baselines(train_rows, test_rows)
+            score_baselines(train_rows, test_rows)
             rows_all += test_rows
         if not rows_all:
             continue

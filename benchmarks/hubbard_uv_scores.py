@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def _score(rows, predictions) -> dict:
+def score_rows(rows, predictions) -> dict:
     from aiida_eqml.ml.hubbard.evaluation import errors
 
     out = {}
@@ -14,7 +14,7 @@ def _score(rows, predictions) -> dict:
     return out
 
 
-def _baselines(train_rows, test_rows) -> dict:
+def score_baselines(train_rows, test_rows) -> dict:
     from aiida_eqml.ml.hubbard.evaluation import BASELINES, pooled_errors
 
     out = {}
@@ -28,7 +28,7 @@ def _baselines(train_rows, test_rows) -> dict:
     return out
 
 
-def _stats(values):
+def mean_std(values):
     values = [v for v in values if v is not None]
     if not values:
         return None, None
@@ -50,7 +50,7 @@ def pooled_summary(entries, held_out_rows, n_seeds) -> dict:
                       for e in entries if e["per_seed_scores"][k][kind]["n"])
             den = sum(e["per_seed_scores"][k][kind]["n"] for e in entries)
             per_seed.append(num / den if den else None)
-        summary[f"mare_{low}"], summary[f"mare_{low}_std"] = _stats(per_seed)
+        summary[f"mare_{low}"], summary[f"mare_{low}_std"] = mean_std(per_seed)
         summary[f"committee_mare_{low}"] = pooled_errors(held_out_rows, "pred")[kind]["mare"]
         summary[f"mae_{low}_committee"] = pooled_errors(held_out_rows, "pred")[kind]["mae"]
         baselines = {name: pooled_errors(held_out_rows, f"baseline_{name}")[kind]["mare"] for name in
@@ -73,6 +73,6 @@ def pooled_summary(entries, held_out_rows, n_seeds) -> dict:
     }
     summary["first_iteration"].update({"n_u": sum(r["kind"] == "U" for r in first),
                                        "n_v": sum(r["kind"] == "V" for r in first)})
-    summary["material_mean_mare_u"] = _stats([e["mare_u"] for e in entries])[0]
-    summary["material_mean_mare_v"] = _stats([e["mare_v"] for e in entries])[0]
+    summary["material_mean_mare_u"] = mean_std([e["mare_u"] for e in entries])[0]
+    summary["material_mean_mare_v"] = mean_std([e["mare_v"] for e in entries])[0]
     return summary
